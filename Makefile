@@ -1,0 +1,32 @@
+# `make train` and `make test` create .venv and install everything on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision pinned to the releases our machines install from local disk (the pyproject ranges admit others)
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: train test install bench clean-venv
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PINS)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Train on the embedded synthetic imbalanced dataset. Extra Hydra overrides: make train ARGS="loss=focal loss.gamma=2"
+train: install
+	$(BIN)/python -m train_seg $(ARGS)
+
+# The whole test suite (unit, end-to-end CLI and sweep tests). Extra pytest args: make test ARGS="-k losses"
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install
+	$(BIN)/python scripts/bench_losses.py
+
+clean-venv:
+	rm -rf $(VENV)
