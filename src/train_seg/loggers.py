@@ -44,19 +44,20 @@ def per_class_records(metrics: dict, class_names: Sequence[str], pixel_share: Se
 
 def format_class_table(metrics: dict, class_names: Sequence[str], pixel_share: Sequence[float], rare=None) -> str:
     """Per-class console table: class, pixel share in the training split, IoU, precision, recall.
-    An absent class (no target and no predicted pixel) shows ``absent`` instead of a number."""
+    A NaN shows as ``absent`` (IoU: neither present nor predicted; recall: not in the target) or ``no pred``
+    (precision of a class that was never predicted), never as a fake 0 or 1."""
     width = max(12, *(len(n) for n in class_names))
     header = f"{'class':<{width}}  {'share %':>8}  {'IoU':>7}  {'prec':>7}  {'recall':>7}"
     lines = [header, "-" * len(header)]
 
-    def cell(value: float) -> str:
-        return f"{'absent':>7}" if math.isnan(value) else f"{value:7.4f}"
+    def cell(value: float, nan_text: str = "absent") -> str:
+        return f"{nan_text:>7}" if math.isnan(value) else f"{value:7.4f}"
 
     for index, name in enumerate(class_names):
         tag = " (rare)" if rare is not None and bool(rare[index]) else ""
         lines.append(
             f"{name:<{width}}  {100 * pixel_share[index]:8.3f}  {cell(metrics['iou'][index].item())}  "
-            f"{cell(metrics['precision'][index].item())}  {cell(metrics['recall'][index].item())}{tag}"
+            f"{cell(metrics['precision'][index].item(), 'no pred')}  {cell(metrics['recall'][index].item())}{tag}"
         )
     lines.append("-" * len(header))
     summary = f"mIoU {_fmt(metrics['mIoU'])}  pixel acc {_fmt(metrics['pixel_acc'])}  mean acc {_fmt(metrics['mean_acc'])}"

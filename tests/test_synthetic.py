@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from train_seg.data.base import DatasetError, SegmentationDataset
+from train_seg.data.synthetic import CLASS_NAMES, SyntheticShapes
+
+
+@pytest.fixture(scope="module")
+def train_split():
+    return SyntheticShapes("train")
+
+
+def _counts(split):
+    k = len(CLASS_NAMES)
+    pixels = np.zeros(k, np.int64)
+    empty = 0
+    for i in range(len(split)):
+        c = np.bincount(split.load_mask(i).ravel(), minlength=k)
+        pixels += c
+        empty += c[1:].sum() == 0
+    return pixels, empty
+
+
+def test_default_split_meets_the_imbalance_contract(train_split):
+    pixels, empty = _counts(train_split)
+    share = pixels / pixels.sum()
+    assert len(CLASS_NAMES) >= 4
+    assert share[0] >= 0.70  # background dominates
+    assert share[1] > 0.05  # one large class
+    assert 0.01 < share[2] < 0.10  # a medium (band) class
+    assert 0 < share[3] <= 0.005  # the rare class: at most 0.5% of pixels
+    assert empty / len(train_split) >= 0.10  # images without any foreground
+
+
+def test_deterministic_and_split_dependent():
+    a, b = SyntheticShapes("train", num_train=5), SyntheticShapes("train", num_train=5)
+    for i in range(5):
+        assert np.array_equal(a.load_image(i), b.load_image(i))
+        assert np.array_equal(a.load_mask(i), b.load_mask(i))
+    val = SyntheticShapes("val", num_val=5)
+    assert not np.array_equal(a.load_image(1), val.load_image(1))
+    other_seed = SyntheticShapes("train", num_train=5, seed=1)
+    assert not np.array_equal(a.load_image(1), other_seed.load_image(1))
+    assert a.identity() != other_seed.identity() != val.identity()
+
+
+def test_colour_alone_does_not_identify_the_rare_class(train_split):
+    """Per-pixel colours of 'car' overlap those of other classes: a model must use texture and shape."""
+    car, other = [], []
+    for i in range(len(train_split)):
+        image, mask = train_split.load_image(i).reshape(-1, 3), train_split.load_mask(i).ravel()
+        car.append(image[mask == 3])
+        other.append(image[(mask != 3)][::50])
+    car, other = np.concatenate(car), np.concatenate(other)
+    lo, hi = np.percentile(car, 10, axis=0), np.percentile(car, 90, axis=0)
+    inside = np.all((other >= lo) & (other <= hi), axis=1).mean()
+    assert inside > 0.01  # a colour box holding 80% of car pixels per channel also holds other pixels
+
+
+def test_shapes_and_dataset_wrapper():
+    split = SyntheticShapes("val", num_val=3, image_size=64)
+    image, mask = split.load_image(0), split.load_mask(0)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and mask.shape == (64, 64)
+    x, y = SegmentationDataset(split)[0]
+    assert x.shape == (3, 64, 64) and x.dtype.is_floating_point and 0 <= x.min() and x.max() <= 1
+    assert y.dtype.__str__() == "torch.int64" and set(y.unique().tolist()) <= {0, 1, 2, 3}
+
+
+def test_ignore_border_marks_boundaries():
+    plain = SyntheticShapes("train", num_train=20, image_size=64)
+    bordered = SyntheticShapes("train", num_train=20, image_size=64, ignore_border=1)
+    found = False
+    for i in range(20):
+        m0, m1 = plain.load_mask(i), bordered.load_mask(i)
+        changed = m0.astype(np.int64) != m1
+        assert np.all(m1[changed] == 255)
+        found |= changed.any()
+    assert found
+
+
+@pytest.mark.parametrize("kwargs, key", [({"num_train": 0}, "num_train"), ({"empty_fraction": 2}, "empty_fraction"),
+                                         ({"ignore_index": 2}, "ignore_index"), ({"image_size": 8}, "image_size")])
+def test_bad_arguments_name_the_key(kwargs, key):
+    with pytest.raises(DatasetError, match=key):
+        SyntheticShapes("train", **kwargs)
