@@ -35,7 +35,7 @@ WEIGHTED_SUM = "train_seg.losses.WeightedSum"
 def _plain(node, key: str) -> dict:
     """Resolves a config node into a plain dict, turning a missing mandatory value into a ConfigError."""
     try:
-        return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True) if isinstance(node, DictConfig) else dict(node)
     except MissingMandatoryValue as exc:
         missing = f"{key}.{exc.key}" if getattr(exc, "key", None) else key
         raise ConfigError(f"{missing} is required but not set: pass it on the command line, e.g. `{missing}=...`.") from exc

@@ -1,0 +1,106 @@
+"""End-to-end training through the real configs: tiny images, a few steps, real code paths."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_seg.checkpoint import load_checkpoint
+from train_seg.config import ConfigError
+from train_seg.train import prepare, train
+
+CLASSES = ["background", "lake", "road", "car"]
+
+
+def _event_tags(run_dir: Path) -> dict[str, int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: len(acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
+
+
+def test_trains_a_few_steps_and_writes_everything(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.max_epochs=3", "trainer.eval_every=1")
+    payload = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    history = payload["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and [h["step"] for h in history] == [4, 8, 12]
+    assert all(math.isfinite(h["train/loss"]) and h["train/loss"] > 0 for h in history)
+    assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["class_names"] == CLASSES
+    assert set(metrics["final"]["per_class"]) == set(CLASSES)
+    assert metrics["best"]["metric"] == "val/mIoU"
+    assert metrics["best"]["value"] == max(h["val/mIoU"] for h in history)
+    assert metrics["class_weights"] == {c: 1.0 for c in CLASSES}
+    tags = _event_tags(run)
+    for name in CLASSES:
+        assert tags.get(f"val/IoU/{name}", 0) + (metrics["final"]["per_class"][name]["iou"] is None) >= 1
+    assert tags["val/mIoU"] == 3 and tags["train/loss"] == 12 and tags["train/lr"] == 12
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 3 and state["global_step"] == 12 and state["class_names"] == CLASSES
+    assert state["config"]["loss"]["_target_"] == "train_seg.losses.CrossEntropyLoss"
+
+
+def test_inverse_weighting_reaches_the_loss(make_cfg, tmp_path):
+    run = prepare(make_cfg("weighting=inverse"), tmp_path / "run")
+    counts = torch.as_tensor(run.stats.pixel_counts, dtype=torch.float64)
+    expected = counts.sum() / (len(counts) * counts)
+    expected = expected / expected.mean()  # normalize: mean
+    assert torch.allclose(run.weights.double(), expected, rtol=1e-5)
+    assert torch.allclose(run.criterion.weight.double(), expected, rtol=1e-5)
+
+
+def test_resume_continues_exactly(make_cfg, tmp_path):
+    straight = train(make_cfg("trainer.max_epochs=2", f"paths.output_dir={tmp_path / 'a'}"), tmp_path / "a")
+    train(make_cfg("trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'b'}"), tmp_path / "b")
+    before = (tmp_path / "b" / "last.pt").read_bytes()
+    resumed_cfg = make_cfg("trainer.max_epochs=2", f"trainer.resume={tmp_path / 'b'}",
+                           f"paths.output_dir={tmp_path / 'c'}")
+    run = prepare(resumed_cfg, tmp_path / "c")
+    assert (run.start_epoch, run.global_step) == (1, 4)
+    assert run.scheduler.last_epoch == 4
+    resumed = train(resumed_cfg, tmp_path / "c")
+    assert (tmp_path / "b" / "last.pt").read_bytes() == before  # the old run is never modified
+    assert [h["step"] for h in resumed["history"]] == [4, 8]
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    c = load_checkpoint(tmp_path / "c" / "last.pt")["model"]
+    assert all(torch.equal(a[k], c[k]) for k in a)  # bit for bit the uninterrupted run
+    assert resumed["history"][-1]["train/loss"] == straight["history"][-1]["train/loss"]
+
+
+def test_bf16_mixed_on_cpu_trains(make_cfg, tmp_path):
+    payload = train(make_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=2"), tmp_path / "run")
+    assert payload["history"][-1]["step"] == 2 and math.isfinite(payload["history"][-1]["train/loss"])
+
+
+def test_aux_head_adds_a_logged_term(make_cfg, tmp_path):
+    payload = train(make_cfg("model.aux_loss=true", "trainer.max_steps=2"), tmp_path / "run")
+    tags = _event_tags(tmp_path / "run")
+    assert "train/loss/aux" in tags and math.isfinite(payload["history"][-1]["train/loss"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.precision=16-mixed", "16-mixed"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("trainer.batch_size=1", "trainer.batch_size"),
+        ("trainer.device=cuda", "trainer.device"),
+        ("optimized_metric=val/foo", "optimized_metric"),
+        ("model.arch=unet", "model.arch"),
+        ("trainer.resume=/nonexistent/run", "trainer.resume"),
+        ("dataset.num_train=1", "trainer.batch_size"),
+    ],
+)
+def test_bad_config_fails_before_training(make_cfg, tmp_path, override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        prepare(make_cfg(override), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_error_type(make_cfg, tmp_path):
+    with pytest.raises(ConfigError):
+        prepare(make_cfg("trainer.eval_every=0"), tmp_path / "run")
