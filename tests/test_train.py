@@ -53,22 +53,40 @@ def test_inverse_weighting_reaches_the_loss(make_cfg, tmp_path):
     assert torch.allclose(run.criterion.weight.double(), expected, rtol=1e-5)
 
 
-def test_resume_continues_exactly(make_cfg, tmp_path):
+def test_resume_continues_exactly(make_cfg, tmp_path, monkeypatch):
+    import train_seg.train as train_module
+
     straight = train(make_cfg("trainer.max_epochs=2", f"paths.output_dir={tmp_path / 'a'}"), tmp_path / "a")
-    train(make_cfg("trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'b'}"), tmp_path / "b")
+
+    # the same run, interrupted after its first epoch (as a crash or Ctrl-C would)
+    real_epoch, calls = train_module.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg("trainer.max_epochs=2", f"paths.output_dir={tmp_path / 'b'}"), tmp_path / "b")
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
     before = (tmp_path / "b" / "last.pt").read_bytes()
+
     resumed_cfg = make_cfg("trainer.max_epochs=2", f"trainer.resume={tmp_path / 'b'}",
                            f"paths.output_dir={tmp_path / 'c'}")
     run = prepare(resumed_cfg, tmp_path / "c")
     assert (run.start_epoch, run.global_step) == (1, 4)
     assert run.scheduler.last_epoch == 4
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * (1 - 3 / 7) ** 0.9)  # warmup 1, 8 steps
     resumed = train(resumed_cfg, tmp_path / "c")
     assert (tmp_path / "b" / "last.pt").read_bytes() == before  # the old run is never modified
     assert [h["step"] for h in resumed["history"]] == [4, 8]
-    a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
-    c = load_checkpoint(tmp_path / "c" / "last.pt")["model"]
-    assert all(torch.equal(a[k], c[k]) for k in a)  # bit for bit the uninterrupted run
+    a = load_checkpoint(tmp_path / "a" / "last.pt")
+    c = load_checkpoint(tmp_path / "c" / "last.pt")
+    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])  # bit for bit the uninterrupted run
     assert resumed["history"][-1]["train/loss"] == straight["history"][-1]["train/loss"]
+    assert resumed["final"]["val/mIoU"] == straight["final"]["val/mIoU"]
 
 
 def test_bf16_mixed_on_cpu_trains(make_cfg, tmp_path):
@@ -104,3 +122,11 @@ def test_bad_config_fails_before_training(make_cfg, tmp_path, override, key):
 def test_config_error_type(make_cfg, tmp_path):
     with pytest.raises(ConfigError):
         prepare(make_cfg("trainer.eval_every=0"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("value, dtype", [("auto", torch.bfloat16), ("bf16-mixed", torch.bfloat16), ("32", None),
+                                          (32, None), ("bf16", torch.bfloat16)])
+def test_precision_on_cpu(value, dtype):
+    from train_seg.config import resolve_precision
+
+    assert resolve_precision(value, torch.device("cpu")) is dtype

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+PRECISIONS = ("auto", "32", "16-mixed", "bf16-mixed")
 OPTIMIZED_METRICS = ("val/mIoU", "val/rare_mIoU", "val/pixel_acc", "val/mean_acc", "val/fwIoU")
 
 
@@ -67,8 +67,14 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_precision(precision, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``trainer.precision`` on ``device`` (None = fp32)."""
+    """Autocast dtype for ``trainer.precision`` on ``device`` (None = fp32).
+
+    ``auto``: bf16-mixed on CPU and on GPUs with native bfloat16 (compute capability >= 8.0), else 16-mixed.
+    """
     precision = normalize_precision(precision)
+    if precision == "auto":
+        native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+        precision = "bf16-mixed" if native_bf16 else "16-mixed"
     if precision == "16-mixed":
         _require(device.type == "cuda",
                  f"trainer.precision=16-mixed (fp16 with GradScaler) runs on CUDA only, and this run uses {device}. "

@@ -25,17 +25,21 @@ from train_seg.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from train_seg.config import ConfigError, normalize_precision, resolve_device, resolve_precision, validate_config
+from train_seg.config import ConfigError, resolve_device, resolve_precision, validate_config
 from train_seg.data.base import SegmentationDataset
 from train_seg.data.stats import ClassStats, compute_class_stats
 from train_seg.engine import evaluate, train_one_epoch
 from train_seg.loggers import (
     TensorBoardLogger,
+    describe_error,
     eval_scalars,
     format_class_table,
+    hparam_metric_tags,
+    hparams_from_config,
     per_class_records,
     write_json_atomic,
 )
+from train_seg.visualize import OverlaySet, confusion_figure, select_overlay_indices
 from train_seg.weighting import class_weights as compute_class_weights
 from train_seg.weighting import format_weight_table
 
@@ -188,10 +192,11 @@ def _is_better(value: float, best: float | None) -> bool:
     return not math.isnan(value) and (best is None or value > best)
 
 
-def _metrics_payload(run: Run, status: str, final: dict | None) -> dict:
+def _metrics_payload(run: Run, status: str, final: dict | None, error: str | None = None) -> dict:
     cfg = run.cfg
     return {
-        "status": status,
+        "status": status,  # running (written after every epoch) | completed | failed | interrupted
+        "error": error,  # "<ExceptionType>: <message>" when failed
         "optimized_metric": cfg.optimized_metric,
         "class_names": run.class_names,
         "class_stats": {"train": run.stats.to_dict(include_presence=False),
@@ -216,6 +221,14 @@ def fit(run: Run, tb: TensorBoardLogger | None = None) -> dict:
     log.info("class weights (weighting=%s):\n%s", cfg.weighting.scheme, weight_table)
     tb.log_text("class_weights", weight_table, run.global_step)
     tb.log_text("config", OmegaConf.to_yaml(cfg, resolve=True), run.global_step)
+    rare_names = [n for n, r in zip(run.class_names, run.rare.tolist()) if r]
+    tb.log_layout(run.class_names, rare_names)
+    tb.log_hparams(hparams_from_config(OmegaConf.to_container(cfg, resolve=True), list(cfg.logger.hparams)),
+                   hparam_metric_tags(run.class_names, cfg.optimized_metric))
+    overlays = None
+    if tb.enabled and int(cfg.logger.num_overlays) > 0:
+        picks = select_overlay_indices(run.val_stats.presence, share, int(cfg.logger.num_overlays))
+        overlays = OverlaySet(run.val_set, picks, run.class_names, run.palette, run.val_set.source.ignore_index)
 
     max_epochs = int(trainer.max_epochs)
     max_steps = int(trainer.max_steps) if trainer.max_steps is not None else None
@@ -224,59 +237,74 @@ def fit(run: Run, tb: TensorBoardLogger | None = None) -> dict:
     epoch = run.start_epoch
     log.info(
         "training %s on %s (%s) for %d epochs / %d steps, %d train and %d val images",
-        cfg.model.arch, run.device, normalize_precision(trainer.precision), max_epochs, run.total_steps,
+        cfg.model.arch, run.device, {None: "fp32"}.get(run.amp_dtype, str(run.amp_dtype).replace("torch.", "")),
+        max_epochs, run.total_steps,
         len(run.train_set), len(run.val_set),
     )
-    while epoch < max_epochs and (max_steps is None or run.global_step < max_steps):
-        # per-epoch reseeding: shuffling, worker seeds, the repeat-factor sampler and the in-process augmentation
-        # all depend on (seed, epoch) only, so a resumed run replays exactly the epochs it had not done
-        run.generator.manual_seed(seed * 100_003 + epoch)
-        if run.sampler is not None and hasattr(run.sampler, "set_epoch"):
-            run.sampler.set_epoch(epoch)
-        run.train_set.reseed(seed * 100_003 + epoch)
-        tic = time.perf_counter()
-        run.global_step, mean_loss = train_one_epoch(
-            run.model, run.criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader, run.device,
-            epoch=epoch, global_step=run.global_step, amp_dtype=run.amp_dtype, aux_weight=float(cfg.model.aux_weight),
-            grad_clip=trainer.grad_clip, max_steps=max_steps, channels_last=bool(cfg.model.channels_last),
-            log_every=int(trainer.log_every), log_scalars=tb.log_scalars, progress=bool(trainer.progress),
-        )
-        epoch += 1
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(
-                f"epoch {epoch}: the mean training loss is {mean_loss}; lower optimizer.lr, set trainer.grad_clip, "
-                "or use trainer.precision=32. The last good checkpoint is untouched."
+    try:
+        while epoch < max_epochs and (max_steps is None or run.global_step < max_steps):
+            # per-epoch reseeding: shuffling, worker seeds, the repeat-factor sampler and the in-process augmentation
+            # all depend on (seed, epoch) only, so a resumed run replays exactly the epochs it had not done
+            run.generator.manual_seed(seed * 100_003 + epoch)
+            if run.sampler is not None and hasattr(run.sampler, "set_epoch"):
+                run.sampler.set_epoch(epoch)
+            run.train_set.reseed(seed * 100_003 + epoch)
+            tic = time.perf_counter()
+            run.global_step, mean_loss = train_one_epoch(
+                run.model, run.criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader, run.device,
+                epoch=epoch, global_step=run.global_step, amp_dtype=run.amp_dtype, aux_weight=float(cfg.model.aux_weight),
+                grad_clip=trainer.grad_clip, max_steps=max_steps, channels_last=bool(cfg.model.channels_last),
+                log_every=int(trainer.log_every), log_scalars=tb.log_scalars, progress=bool(trainer.progress),
             )
-        record = {"epoch": epoch, "step": run.global_step, "train/loss": mean_loss,
-                  "train/seconds": time.perf_counter() - tic}
-        last_epoch = epoch >= max_epochs or (max_steps is not None and run.global_step >= max_steps)
-        if epoch % int(trainer.eval_every) == 0 or last_epoch:
-            confusion = evaluate(
-                run.model, run.val_loader, run.device, len(run.class_names), amp_dtype=run.amp_dtype,
-                channels_last=bool(cfg.model.channels_last), progress=bool(trainer.progress), desc=f"eval {epoch}",
-            )
-            metrics = confusion.compute(rare=run.rare)
-            scalars = eval_scalars(metrics, run.class_names)
-            tb.log_scalars(scalars, run.global_step)
-            table = format_class_table(metrics, run.class_names, share, rare=run.rare)
-            log.info("epoch %d, step %d, train loss %.4f\n%s", epoch, run.global_step, mean_loss, table)
-            record.update({k: v for k, v in scalars.items() if not math.isnan(v)})
-            final = {"epoch": epoch, "step": run.global_step,
-                     **{k: (None if math.isnan(v) else v) for k, v in scalars.items()},
-                     "per_class": per_class_records(metrics, run.class_names, share)}
-            value = scalars.get(cfg.optimized_metric, math.nan)
-            if _is_better(value, run.best.get("value")):
-                run.best = {"metric": cfg.optimized_metric, "value": value, **final}
-                run.history.append(record)
-                save_checkpoint(run.run_dir / "best.pt", _checkpoint_state(run, epoch))
+            epoch += 1
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(
+                    f"epoch {epoch}: the mean training loss is {mean_loss}; lower optimizer.lr, set trainer.grad_clip, "
+                    "or use trainer.precision=32. The last good checkpoint is untouched."
+                )
+            record = {"epoch": epoch, "step": run.global_step, "train/loss": mean_loss,
+                      "train/seconds": time.perf_counter() - tic}
+            last_epoch = epoch >= max_epochs or (max_steps is not None and run.global_step >= max_steps)
+            if epoch % int(trainer.eval_every) == 0 or last_epoch:
+                confusion = evaluate(
+                    run.model, run.val_loader, run.device, len(run.class_names), amp_dtype=run.amp_dtype,
+                    channels_last=bool(cfg.model.channels_last), progress=bool(trainer.progress), desc=f"eval {epoch}",
+                )
+                metrics = confusion.compute(rare=run.rare)
+                scalars = eval_scalars(metrics, run.class_names)
+                tb.log_scalars(scalars, run.global_step)
+                table = format_class_table(metrics, run.class_names, share, rare=run.rare)
+                log.info("epoch %d, step %d, train loss %.4f\n%s", epoch, run.global_step, mean_loss, table)
+                record.update({k: v for k, v in scalars.items() if not math.isnan(v)})
+                final = {"epoch": epoch, "step": run.global_step,
+                         **{k: (None if math.isnan(v) else v) for k, v in scalars.items()},
+                         "per_class": per_class_records(metrics, run.class_names, share)}
+                value = scalars.get(cfg.optimized_metric, math.nan)
+                if _is_better(value, run.best.get("value")):
+                    run.best = {"metric": cfg.optimized_metric, "value": value, **final}
+                    run.history.append(record)
+                    save_checkpoint(run.run_dir / "best.pt", _checkpoint_state(run, epoch))
+                else:
+                    run.history.append(record)
+                tb.log_best(run.best, run.global_step)
+                if tb.enabled and cfg.logger.confusion_image:
+                    figure = confusion_figure(confusion.matrix.cpu(), run.class_names, f"epoch {epoch}")
+                    tb.log_figure("val/confusion", figure, run.global_step)
+                if overlays is not None:
+                    predicted = overlays.predict(run.model, run.device, run.amp_dtype, bool(cfg.model.channels_last))
+                    tb.log_figure("val/overlays", overlays.figure(predicted, f"epoch {epoch}"), run.global_step)
             else:
+                log.info("epoch %d, step %d, train loss %.4f", epoch, run.global_step, mean_loss)
                 run.history.append(record)
-        else:
-            log.info("epoch %d, step %d, train loss %.4f", epoch, run.global_step, mean_loss)
-            run.history.append(record)
-        save_checkpoint(run.run_dir / "last.pt", _checkpoint_state(run, epoch))
-        write_json_atomic(run.run_dir / "metrics.json", _metrics_payload(run, "running", final))
-        tb.flush()
+            save_checkpoint(run.run_dir / "last.pt", _checkpoint_state(run, epoch))
+            write_json_atomic(run.run_dir / "metrics.json", _metrics_payload(run, "running", final))
+            tb.flush()
+    except BaseException as exc:
+        # the run dir keeps its last completed evaluation, marked failed (or interrupted): sweeps list it as such
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        write_json_atomic(run.run_dir / "metrics.json", _metrics_payload(run, status, final, describe_error(exc)))
+        tb.close()
+        raise
     payload = _metrics_payload(run, "completed", final)
     write_json_atomic(run.run_dir / "metrics.json", payload)
     tb.close()
