@@ -83,3 +83,12 @@ def test_ignore_border_marks_boundaries():
 def test_bad_arguments_name_the_key(kwargs, key):
     with pytest.raises(DatasetError, match=key):
         SyntheticShapes("train", **kwargs)
+
+
+def test_binary_variant_keeps_only_the_rare_class_as_foreground():
+    full, binary = SyntheticShapes("train", num_train=30), SyntheticShapes("train", num_train=30, binary=True)
+    assert binary.class_names == ["background", "car"] and len(binary.palette) == 2
+    assert binary.identity() != full.identity()
+    for i in range(30):
+        assert np.array_equal(binary.load_mask(i), (full.load_mask(i) == 3).astype(np.uint8))
+        assert np.array_equal(binary.load_image(i), full.load_image(i))

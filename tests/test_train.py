@@ -130,3 +130,15 @@ def test_precision_on_cpu(value, dtype):
     from train_seg.config import resolve_precision
 
     assert resolve_precision(value, torch.device("cpu")) is dtype
+
+
+@pytest.mark.parametrize("loss", ["bce", "sigmoid_focal", "binary_dice"])
+def test_binary_head_trains_with_binary_losses(make_cfg, tmp_path, loss):
+    payload = train(make_cfg("dataset.binary=true", "model.binary_head=true", f"loss={loss}", "weighting=inverse",
+                             "trainer.max_steps=2"), tmp_path / "run")
+    assert payload["class_names"] == ["background", "car"]
+    assert math.isfinite(payload["history"][-1]["train/loss"])
+    per_class = payload["final"]["per_class"]
+    assert set(per_class) == {"background", "car"}
+    # the metrics threshold the sigmoid: the 2x2 confusion matrix covers every valid pixel
+    assert per_class["background"]["support"] + per_class["car"]["support"] == 4 * 64 * 64

@@ -45,6 +45,9 @@ class SyntheticShapes(SegmentationSource):
         ignore_index: label of ignored pixels (the generator emits none unless ``ignore_border`` > 0).
         ignore_border: width in pixels of an ignore band around every object boundary (0 = none), like VOC's
             255 outlines.
+        binary: relabel to two classes, ``background`` and ``car`` (lakes and roads are still drawn but count as
+            background): a foreground-vs-background task for ``model.binary_head=true`` with ``loss=bce``,
+            ``sigmoid_focal`` or ``binary_dice``.
     """
 
     class_names = CLASS_NAMES
@@ -61,6 +64,7 @@ class SyntheticShapes(SegmentationSource):
         noise: float = 0.08,
         ignore_index: int = 255,
         ignore_border: int = 0,
+        binary: bool = False,
     ):
         if split not in _SPLIT_CODES:
             raise DatasetError(f"dataset.split: expected one of {sorted(_SPLIT_CODES)}, got {split!r}.")
@@ -82,6 +86,10 @@ class SyntheticShapes(SegmentationSource):
         self.noise = float(noise)
         self.ignore_index = int(ignore_index)
         self.ignore_border = int(ignore_border)
+        self.binary = bool(binary)
+        if self.binary:
+            self.class_names = [CLASS_NAMES[0], CLASS_NAMES[3]]
+            self.palette = [PALETTE[0], PALETTE[3]]
         size = self.image_size
         self._yy, self._xx = np.mgrid[0:size, 0:size].astype(np.float32)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -92,7 +100,8 @@ class SyntheticShapes(SegmentationSource):
     def identity(self) -> str:
         return (
             f"synthetic-v{_VERSION}:{self.split}:n={self.length}:size={self.image_size}:seed={self.seed}:"
-            f"empty={self.empty_fraction}:noise={self.noise}:ignore={self.ignore_index}:border={self.ignore_border}"
+            f"empty={self.empty_fraction}:noise={self.noise}:ignore={self.ignore_index}:border={self.ignore_border}:"
+            f"binary={self.binary}"
         )
 
     def describe(self, index: int) -> str:
@@ -130,6 +139,8 @@ class SyntheticShapes(SegmentationSource):
 
         image += rng.normal(0.0, self.noise, size=image.shape).astype(np.float32)
         image_u8 = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        if self.binary:
+            mask = (mask == 3).astype(np.uint8)
         if self.ignore_border > 0:
             mask = self._with_ignore_border(mask)
         result = (image_u8, mask)

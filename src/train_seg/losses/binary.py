@@ -1,0 +1,104 @@
+"""Losses for one-channel heads (foreground vs background): BCE, sigmoid focal, binary Dice.
+
+Shared conventions: logits ``(N, 1, H, W)``, target ``(N, H, W)`` integer with 1 = foreground, 0 =
+background and ``ignore_index`` = ignored (any other label counts as background). ``weight`` is the 2-class
+weight vector ``[w_bg, w_fg]`` produced by the class weighting, used per pixel as ``w[y_i]``; the pixel losses
+reduce as the weighted mean ``sum_i w[y_i] l_i / sum_i w[y_i]`` over non-ignored pixels (so scaling ``weight``
+does not change them). float32 with autocast disabled; an all-ignored batch gives 0 with a gradient graph.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import _functional as LF
+
+__all__ = ["BCEWithLogitsLoss", "SigmoidFocalLoss", "BinaryDiceLoss"]
+
+
+def _binary_weight(owner: str, weight):
+    return LF.as_class_vector(owner, "weight", weight, length=2)
+
+
+class BCEWithLogitsLoss(nn.Module):
+    """Binary cross-entropy on logits, weighted mean over non-ignored pixels.
+
+    Formula: ``l_i = -(pw y_i log s(x_i) + (1 - y_i) log(1 - s(x_i)))`` (torch's
+    ``binary_cross_entropy_with_logits``, ``s`` the sigmoid, ``pw`` = ``pos_weight`` or 1) and
+    ``L = sum_i w[y_i] l_i / sum_i w[y_i]``. ``pos_weight`` has torch's meaning: it multiplies the positive
+    term inside the loss and is not part of the denominator; ``weight = [w_bg, w_fg]`` weights numerator and
+    denominator. Use one or the other (both multiply). No smoothing. An image without foreground is a plain
+    background BCE.
+    """
+
+    def __init__(self, weight=None, pos_weight=None, ignore_index: int = 255):
+        super().__init__()
+        name = type(self).__name__
+        self.ignore_index = LF.check_ignore_index(name, ignore_index)
+        self.register_buffer("weight", _binary_weight(name, weight), persistent=False)
+        if pos_weight is not None:
+            pos_weight = LF.as_class_vector(name, "pos_weight", [pos_weight] if isinstance(pos_weight, (int, float))
+                                            else pos_weight, length=1)
+        self.register_buffer("pos_weight", pos_weight, persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        LF.check_inputs(type(self).__name__, logits, target, binary=True, weight=self.weight)
+        return LF.binary_cross_entropy(logits, target, self.weight, self.pos_weight, self.ignore_index)
+
+    def extra_repr(self) -> str:
+        pos_weight = None if self.pos_weight is None else float(self.pos_weight)
+        return f"pos_weight={pos_weight}, ignore_index={self.ignore_index}"
+
+
+class SigmoidFocalLoss(nn.Module):
+    """Sigmoid focal loss with ``torchvision.ops.sigmoid_focal_loss`` semantics per pixel.
+
+    Formula: ``p = s(x)``, ``p_t = p y + (1 - p)(1 - y)``, ``l_i = a_t (1 - p_t)^gamma bce_i`` with
+    ``a_t = alpha y + (1 - alpha)(1 - y)`` (``a_t = 1`` when ``alpha`` is None, torchvision's ``alpha < 0``);
+    reduced as ``L = sum_i w[y_i] l_i / sum_i w[y_i]`` over non-ignored pixels: alpha multiplies the numerator
+    only (as in torchvision, whose ``reduction="mean"`` is this with ``w = 1`` and no ignored pixels), class
+    weights ``[w_bg, w_fg]`` both numerator and denominator. ``(1 - p_t)^gamma`` is 0 (no gradient) for
+    ``1 - p_t <= 1e-12``. No smoothing. A batch without foreground is the background term alone.
+    """
+
+    def __init__(self, alpha: float | None = 0.25, gamma: float = 2.0, weight=None, ignore_index: int = 255):
+        super().__init__()
+        name = type(self).__name__
+        self.alpha = None if alpha is None else LF.check_number(name, "alpha", alpha, low=0.0, high=1.0)
+        self.gamma = LF.check_number(name, "gamma", gamma, low=0.0)
+        self.ignore_index = LF.check_ignore_index(name, ignore_index)
+        self.register_buffer("weight", _binary_weight(name, weight), persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        LF.check_inputs(type(self).__name__, logits, target, binary=True, weight=self.weight)
+        return LF.sigmoid_focal_loss(logits, target, self.alpha, self.gamma, self.weight, self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma:g}, ignore_index={self.ignore_index}"
+
+
+class BinaryDiceLoss(nn.Module):
+    """Soft Dice loss of the foreground over the whole batch.
+
+    Formula: ``p_i = s(x_i)``, per-pixel weight ``v_i = w[y_i]`` (1 without ``weight``, 0 at ignored pixels),
+    ``I = sum_i v_i p_i y_i``, ``P = sum_i v_i p_i``, ``G = sum_i v_i y_i``, ``L = 1 - (2 I + s) / (P + G + s)``.
+    With ``weight = [w_bg, w_fg]`` this is ``1 - (2 I' + s') / (2 I' + FN' + (w_bg / w_fg) FP' + s')`` in
+    unweighted soft counts (``s' = s / w_fg``): a heavier foreground weight makes false positives relatively
+    cheaper (recall-oriented, like Tversky with ``alpha < beta``); uniform weights give the plain Dice.
+    A batch without foreground (``G = 0``) still penalises predicted foreground: ``L = P / (P + s)``.
+    ``smooth`` ``s >= 0``; ``P + G + s = 0`` (all ignored with ``s = 0``) scores Dice 1, loss 0.
+    """
+
+    def __init__(self, weight=None, ignore_index: int = 255, smooth: float = 1.0):
+        super().__init__()
+        name = type(self).__name__
+        self.ignore_index = LF.check_ignore_index(name, ignore_index)
+        self.smooth = LF.check_number(name, "smooth", smooth, low=0.0)
+        self.register_buffer("weight", _binary_weight(name, weight), persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        LF.check_inputs(type(self).__name__, logits, target, binary=True, weight=self.weight)
+        return LF.binary_dice_loss(logits, target, self.weight, self.ignore_index, self.smooth)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, smooth={self.smooth:g}"
