@@ -142,3 +142,14 @@ def test_binary_head_trains_with_binary_losses(make_cfg, tmp_path, loss):
     assert set(per_class) == {"background", "car"}
     # the metrics threshold the sigmoid: the 2x2 confusion matrix covers every valid pixel
     assert per_class["background"]["support"] + per_class["car"]["support"] == 4 * 64 * 64
+
+
+def test_repeat_factor_sampler_drives_the_epoch_length(make_cfg, tmp_path):
+    from train_seg.train import prepare
+
+    run = prepare(make_cfg("sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12"), tmp_path / "r")
+    run.sampler.set_epoch(0)
+    expected_steps = len(run.sampler) // 2
+    assert len(run.sampler) > 12  # rare-class images are repeated
+    payload = train(make_cfg("sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12"), tmp_path / "t")
+    assert payload["history"][-1]["step"] == expected_steps
