@@ -1,8 +1,9 @@
 """``python -m train_seg`` / ``train-seg``: the Hydra entry point.
 
 Returns the best value of ``optimized_metric`` (so Hydra sweepers can optimise it). Bad input (config, dataset,
-weights file, checkpoint) is reported as one paragraph on stderr and exits with status 2 before training starts;
-in a multirun the job is marked failed instead and the other jobs go on.
+weights file, checkpoint) is reported as one paragraph on stderr and exits with status 2 before training starts.
+In a multirun, any failure of a job marks that job failed (metrics.json ``status: failed``, NaN returned) and the
+other jobs go on; the sweep summary lists it and the process exits with status 1 (see ``train_seg.sweep``).
 """
 from __future__ import annotations
 
@@ -34,19 +35,41 @@ def run_task(cfg: DictConfig) -> float:
     from train_seg.train import fit, prepare
 
     run_dir = Path(cfg.paths.output_dir)
+    if _is_multirun():
+        return _run_sweep_job(cfg, run_dir)
     try:
         run = prepare(cfg, run_dir)
     except (ValueError, FileNotFoundError) as exc:
         message = f"train_seg: error: {exc}"
         log.debug("traceback of the error above", exc_info=True)
-        if _is_multirun():
-            log.error(message)
-            raise
         print(message, file=sys.stderr)
         sys.exit(2)
-    payload = fit(run)
+    return _best_value(fit(run))
+
+
+def _best_value(payload: dict) -> float:
     best = (payload.get("best") or {}).get("value")
     return float(best) if best is not None else math.nan
+
+
+def _run_sweep_job(cfg: DictConfig, run_dir: Path) -> float:
+    """One job of a multirun. A failure (bad input or a crash in training) is logged into the job's log, recorded
+    in its metrics.json as ``status: failed`` with the error (keeping the last completed evaluation) and returned as
+    NaN, so the sweeper launches the other jobs and the sweep callback writes the summary, lists this job as failed
+    and exits non-zero (see train_seg.sweep)."""
+    from train_seg.loggers import mark_failed
+    from train_seg.train import fit, prepare
+
+    try:
+        return _best_value(fit(prepare(cfg, run_dir)))
+    except Exception as exc:
+        if isinstance(exc, (ValueError, FileNotFoundError)):
+            log.error("train_seg: error: %s", exc)  # bad input: the one-paragraph message says it all
+            log.debug("traceback of the error above", exc_info=True)
+        else:
+            log.exception("train_seg: the job crashed")
+        mark_failed(run_dir, exc)
+        return math.nan
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -1,0 +1,63 @@
+"""The Hydra callback that closes every multirun: ``summary.csv``, ``summary.md`` and ``summary.png`` in the sweep
+directory (see ``train_seg.summary``), then a non-zero exit status when a job did not complete.
+
+How a failing job is handled, end to end:
+
+1. The task function (``train_seg.__main__``) catches any exception of a job in a multirun, logs it into the job's
+   log, records it in the job's ``metrics.json`` (``status: failed``, ``error``, and the last completed evaluation,
+   which ``fit`` keeps) and returns NaN instead of raising. Hydra's sweepers re-raise a failed job's exception only
+   after the whole batch ran, which would skip ``on_multirun_end`` and so the summary; returning NaN lets every
+   other job run and the summary be written. (Optuna marks a NaN trial as failed and goes on.)
+2. ``on_multirun_end`` (here) writes the summary, in which that job is a row marked ``failed`` with its error,
+   prints a short table, and exits with status 1 if any job is not ``completed``, so scripts and CI see the failure.
+
+The callback is registered in ``configs/hydra/default.yaml`` (``hydra.callbacks.sweep_summary``). It reads nothing
+but the files of the sweep directory, so it works the same with the joblib launcher (jobs in other processes).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+class SweepSummaryCallback(Callback):
+    """``on_multirun_end``: summarise the sweep directory; exit 1 when a job did not complete.
+
+    Args:
+      rare_share: rare-class threshold for the summary's rare mIoU (None: the value the jobs ran with).
+      exit_on_failure: exit with status 1 after writing the summary if any job failed or did not finish.
+    """
+
+    def __init__(self, rare_share: float | None = None, exit_on_failure: bool = True):
+        self.rare_share = None if rare_share is None else float(rare_share)
+        self.exit_on_failure = bool(exit_on_failure)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from train_seg.summary import FILES, console_table, write_summary
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():
+            return
+        # print, not log: after the last job, the logging handlers still point at that job's log file
+        try:
+            summary = write_summary(sweep_dir, self.rare_share)
+        except Exception as exc:  # a summary problem must not hide the jobs' own results
+            print(f"train_seg: could not write the sweep summary in {sweep_dir}: {type(exc).__name__}: {exc}\n"
+                  f"Retry with: python -m train_seg.summary {sweep_dir}", file=sys.stderr, flush=True)
+            if self.exit_on_failure:
+                sys.exit(1)
+            return
+        print(f"\nsweep summary ({sweep_dir}):\n{console_table(summary)}", flush=True)
+        print("wrote " + ", ".join(str(sweep_dir / name) for name in FILES), flush=True)
+        bad = summary.not_completed
+        if bad:
+            lines = [f"  {job.name}: {job.status}" + (f": {job.error.splitlines()[0][:300]}" if job.error else "")
+                     for job in bad]
+            print(f"train_seg: {len(bad)} of {len(summary.jobs)} jobs did not complete:\n" + "\n".join(lines),
+                  file=sys.stderr, flush=True)
+            if self.exit_on_failure:
+                sys.exit(1)
