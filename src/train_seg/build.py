@@ -7,8 +7,10 @@ unwrapped, so the user sees the constructor's own one-paragraph message, not Hyd
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import os
 import random
+import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks for updates online at import
 
@@ -96,6 +98,10 @@ def build_loaders(trainer_cfg, train_set: SegmentationDataset, val_set: Segmenta
     pin = device.type == "cuda" if trainer_cfg.pin_memory == "auto" else bool(trainer_cfg.pin_memory)
     common = dict(num_workers=workers, pin_memory=pin, worker_init_fn=seed_worker,
                   persistent_workers=bool(trainer_cfg.persistent_workers) and workers > 0)
+    if workers > 0 and sys.platform.startswith("linux"):
+        # An explicit fork context: inside hydra-joblib-launcher's loky workers the default context cannot start
+        # DataLoader workers ("'Process' object has no attribute 'env'"); fork is also torch's usual choice here.
+        common["multiprocessing_context"] = multiprocessing.get_context("fork")
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=int(trainer_cfg.batch_size), shuffle=sampler is None, sampler=sampler,
         drop_last=True,  # BatchNorm in the ASPP pooling branch cannot train on a batch of one

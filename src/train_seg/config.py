@@ -41,6 +41,8 @@ def validate_config(cfg) -> None:
     _require(int(trainer.eval_every) >= 1, f"trainer.eval_every={trainer.eval_every}: must be >= 1 (epochs).")
     _require(int(trainer.log_every) >= 1, f"trainer.log_every={trainer.log_every}: must be >= 1 (steps).")
     _require(int(trainer.num_workers) >= 0, f"trainer.num_workers={trainer.num_workers}: must be >= 0.")
+    _require(trainer.num_threads is None or int(trainer.num_threads) >= 1,
+             f"trainer.num_threads={trainer.num_threads}: must be >= 1 or null (torch's default).")
     _require(trainer.grad_clip is None or float(trainer.grad_clip) > 0,
              f"trainer.grad_clip={trainer.grad_clip}: must be > 0 (max gradient norm) or null.")
     _require(trainer.pin_memory in ("auto", True, False),

@@ -89,6 +89,8 @@ def prepare(cfg, run_dir: str | Path) -> Run:
     on bad input; writes nothing but the class-statistics cache."""
     validate_config(cfg)
     trainer = cfg.trainer
+    if trainer.num_threads is not None:
+        torch.set_num_threads(int(trainer.num_threads))
     device = resolve_device(trainer.device)
     amp_dtype = resolve_precision(trainer.precision, device)
     seed_everything(int(cfg.seed))
