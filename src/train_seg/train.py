@@ -282,12 +282,10 @@ def fit(run: Run, tb: TensorBoardLogger | None = None) -> dict:
                          **{k: (None if math.isnan(v) else v) for k, v in scalars.items()},
                          "per_class": per_class_records(metrics, run.class_names, share)}
                 value = scalars.get(cfg.optimized_metric, math.nan)
+                run.history.append(record)
                 if _is_better(value, run.best.get("value")):
                     run.best = {"metric": cfg.optimized_metric, "value": value, **final}
-                    run.history.append(record)
                     save_checkpoint(run.run_dir / "best.pt", _checkpoint_state(run, epoch))
-                else:
-                    run.history.append(record)
                 tb.log_best(run.best, run.global_step)
                 if tb.enabled and cfg.logger.confusion_image:
                     figure = confusion_figure(confusion.matrix.cpu(), run.class_names, f"epoch {epoch}")
