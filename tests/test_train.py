@@ -153,3 +153,12 @@ def test_repeat_factor_sampler_drives_the_epoch_length(make_cfg, tmp_path):
     assert len(run.sampler) > 12  # rare-class images are repeated
     payload = train(make_cfg("sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12"), tmp_path / "t")
     assert payload["history"][-1]["step"] == expected_steps
+
+
+def test_an_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    train(make_cfg("trainer.max_steps=1"), run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds an earlier run"):
+        train(make_cfg("trainer.max_steps=1"), run_dir)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before

@@ -88,6 +88,7 @@ def prepare(cfg, run_dir: str | Path) -> Run:
     """Validates the config and builds every object. Raises a ValueError subclass with a one-paragraph message
     on bad input; writes nothing but the class-statistics cache."""
     validate_config(cfg)
+    _refuse_existing_run(Path(run_dir))
     trainer = cfg.trainer
     if trainer.num_threads is not None:
         torch.set_num_threads(int(trainer.num_threads))
@@ -142,6 +143,17 @@ def prepare(cfg, run_dir: str | Path) -> Run:
     if trainer.resume is not None:
         _resume(run, resolve_checkpoint(trainer.resume))
     return run
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    """A run directory that already holds a run's results is never written into (its checkpoints would be lost)."""
+    taken = [name for name in ("last.pt", "best.pt", "metrics.json") if (run_dir / name).exists()]
+    if taken:
+        raise ConfigError(
+            f"the run directory {run_dir} already holds an earlier run ({', '.join(taken)}), which this run would "
+            "overwrite. Leave hydra.run.dir at its default (a new timestamped directory), choose a new one, or continue "
+            f"that run with trainer.resume={run_dir} (the resumed run writes into a new directory)."
+        )
 
 
 def _resume(run: Run, path: Path) -> None:
