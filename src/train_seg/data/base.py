@@ -7,7 +7,7 @@ augmentation. Loaders raise ``DatasetError`` with a message naming the path and 
 from __future__ import annotations
 
 import abc
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -96,7 +96,3 @@ class SegmentationDataset(torch.utils.data.Dataset):
         mask_t = torch.as_tensor(np.ascontiguousarray(mask)) if isinstance(mask, np.ndarray) else mask
         return image_t.contiguous().float(), mask_t.long()
 
-
-def palette_array(palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """``(K, 3)`` uint8 array of a palette."""
-    return np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
