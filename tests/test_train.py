@@ -162,3 +162,14 @@ def test_an_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="already holds an earlier run"):
         train(make_cfg("trainer.max_steps=1"), run_dir)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss=bce"], "model.binary_head=true"),
+    (["loss=bce_dice"], "one-channel"),
+    (["model.binary_head=true", "dataset.binary=true", "loss=ce_dice"], "loss=bce"),
+    (["model.binary_head=true", "loss=bce"], "2-class dataset"),  # head and loss agree, the 4-class data does not
+])
+def test_head_loss_and_dataset_must_agree(make_cfg, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        prepare(make_cfg(*overrides), tmp_path / "run")

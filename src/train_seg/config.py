@@ -50,8 +50,41 @@ def validate_config(cfg) -> None:
     _require(cfg.optimized_metric in OPTIMIZED_METRICS,
              f"optimized_metric={cfg.optimized_metric!r} is not a logged metric; choose one of {', '.join(OPTIMIZED_METRICS)}.")
     _require(0.0 < float(cfg.rare_share) < 1.0, f"rare_share={cfg.rare_share}: must be in (0, 1), e.g. 0.01.")
+    _check_head_and_loss(cfg)
     aux_weight = float(cfg.model.aux_weight)
     _require(math.isfinite(aux_weight) and aux_weight >= 0, f"model.aux_weight={aux_weight}: must be >= 0.")
+
+
+BINARY_LOSSES = ("train_seg.losses.BCEWithLogitsLoss", "train_seg.losses.SigmoidFocalLoss",
+                 "train_seg.losses.BinaryDiceLoss")
+
+
+def _loss_targets(node) -> list[str]:
+    """``_target_`` of a loss node, or of every term of a WeightedSum node."""
+    terms = node.get("terms") if hasattr(node, "get") else None
+    if terms:
+        return [target for term in terms.values() for target in _loss_targets(term)]
+    return [str(node.get("_target_"))] if hasattr(node, "get") else []
+
+
+def _check_head_and_loss(cfg) -> None:
+    """A one-channel head needs binary losses and multi-class heads need multi-class losses: caught here, with the
+    fix, instead of as a shape error inside the first training step."""
+    targets = _loss_targets(cfg.loss)
+    binary = [t in BINARY_LOSSES for t in targets]
+    head = bool(cfg.model.binary_head)
+    if head and not all(binary):
+        raise ConfigError(
+            "model.binary_head=true gives a one-channel sigmoid head, but the loss "
+            f"({', '.join(t.rsplit('.', 1)[-1] for t, b in zip(targets, binary) if not b)}) is multi-class: use "
+            "loss=bce, sigmoid_focal, binary_dice or bce_dice, or set model.binary_head=false."
+        )
+    if not head and any(binary):
+        raise ConfigError(
+            f"the loss ({', '.join(t.rsplit('.', 1)[-1] for t, b in zip(targets, binary) if b)}) is for a one-channel "
+            "head: set model.binary_head=true on a 2-class dataset (e.g. dataset.binary=true for the embedded one), or "
+            "pick a multi-class loss such as loss=ce."
+        )
 
 
 def resolve_device(spec: str) -> torch.device:
