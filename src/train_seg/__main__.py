@@ -22,6 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 log = logging.getLogger("train_seg")
+# what bad input raises (ConfigError, DatasetError, ModelError, CheckpointError are ValueErrors): reported as a
+# one-paragraph message without a traceback
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def _is_multirun() -> bool:
@@ -39,7 +42,7 @@ def run_task(cfg: DictConfig) -> float:
         return _run_sweep_job(cfg, run_dir)
     try:
         run = prepare(cfg, run_dir)
-    except (ValueError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         message = f"train_seg: error: {exc}"
         log.debug("traceback of the error above", exc_info=True)
         print(message, file=sys.stderr)
@@ -63,7 +66,7 @@ def _run_sweep_job(cfg: DictConfig, run_dir: Path) -> float:
     try:
         return _best_value(fit(prepare(cfg, run_dir)))
     except Exception as exc:
-        if isinstance(exc, (ValueError, FileNotFoundError)):
+        if isinstance(exc, USER_ERRORS):
             log.error("train_seg: error: %s", exc)  # bad input: the one-paragraph message says it all
             log.debug("traceback of the error above", exc_info=True)
         else:

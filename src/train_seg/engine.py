@@ -99,8 +99,7 @@ def train_one_epoch(
             term_sums[name] = term_sums.get(name, 0) + value.float()
         if window_steps == log_every:
             # sync point: once every log_every steps, never per step
-            scalars = {"train/loss": float(window_sum) / window_steps, "train/lr": optimizer.param_groups[0]["lr"]}
-            scalars.update({f"train/loss/{k}": float(v) / window_steps for k, v in term_sums.items()})
+            scalars = _window_scalars(window_sum, term_sums, window_steps, optimizer)
             if log_scalars is not None:
                 log_scalars(scalars, global_step)
             rate = images_seen / max(time.perf_counter() - tic, 1e-9)
@@ -109,12 +108,17 @@ def train_one_epoch(
             term_sums.clear()
             window_steps = 0
     if window_steps and log_scalars is not None:
-        scalars = {"train/loss": float(window_sum) / window_steps, "train/lr": optimizer.param_groups[0]["lr"]}
-        scalars.update({f"train/loss/{k}": float(v) / window_steps for k, v in term_sums.items()})
-        log_scalars(scalars, global_step)
+        log_scalars(_window_scalars(window_sum, term_sums, window_steps, optimizer), global_step)
     bar.close()
     mean_loss = float(loss_sum) / steps if steps else math.nan
     return global_step, mean_loss
+
+
+def _window_scalars(window_sum: torch.Tensor, term_sums: dict, steps: int, optimizer) -> dict[str, float]:
+    """Mean loss and per-term losses over the last ``steps`` steps, and the current lr (reads the device once)."""
+    scalars = {"train/loss": float(window_sum) / steps, "train/lr": optimizer.param_groups[0]["lr"]}
+    scalars.update({f"train/loss/{name}": float(value) / steps for name, value in term_sums.items()})
+    return scalars
 
 
 @torch.inference_mode()

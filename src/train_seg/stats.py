@@ -12,7 +12,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from train_seg.__main__ import CONFIG_DIR
+from train_seg.__main__ import CONFIG_DIR, USER_ERRORS
 
 
 def report(cfg: DictConfig) -> str:
@@ -46,7 +46,7 @@ def report(cfg: DictConfig) -> str:
 def main(cfg: DictConfig) -> None:
     try:
         print(report(cfg))
-    except (ValueError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"train_seg.stats: error: {exc}", file=sys.stderr)
         sys.exit(2)
 

@@ -276,6 +276,7 @@ def fit(run: Run, tb: TensorBoardLogger | None = None) -> dict:
                     f"epoch {epoch}: the mean training loss is {mean_loss}; lower optimizer.lr, set trainer.grad_clip, "
                     "or use trainer.precision=32. The last good checkpoint is untouched."
                 )
+            improved = False
             record = {"epoch": epoch, "step": run.global_step, "train/loss": mean_loss,
                       "train/seconds": time.perf_counter() - tic}
             last_epoch = epoch >= max_epochs or (max_steps is not None and run.global_step >= max_steps)
@@ -295,9 +296,9 @@ def fit(run: Run, tb: TensorBoardLogger | None = None) -> dict:
                          "per_class": per_class_records(metrics, run.class_names, share)}
                 value = scalars.get(cfg.optimized_metric, math.nan)
                 run.history.append(record)
-                if _is_better(value, run.best.get("value")):
+                improved = _is_better(value, run.best.get("value"))
+                if improved:
                     run.best = {"metric": cfg.optimized_metric, "value": value, **final}
-                    save_checkpoint(run.run_dir / "best.pt", _checkpoint_state(run, epoch))
                 tb.log_best(run.best, run.global_step)
                 if tb.enabled and cfg.logger.confusion_image:
                     figure = confusion_figure(confusion.matrix.cpu(), run.class_names, f"epoch {epoch}")
@@ -308,7 +309,10 @@ def fit(run: Run, tb: TensorBoardLogger | None = None) -> dict:
             else:
                 log.info("epoch %d, step %d, train loss %.4f", epoch, run.global_step, mean_loss)
                 run.history.append(record)
-            save_checkpoint(run.run_dir / "last.pt", _checkpoint_state(run, epoch))
+            state = _checkpoint_state(run, epoch)  # captured once: best.pt of this epoch is the same state
+            if improved:
+                save_checkpoint(run.run_dir / "best.pt", state)
+            save_checkpoint(run.run_dir / "last.pt", state)
             write_json_atomic(run.run_dir / "metrics.json", _metrics_payload(run, "running", final))
             tb.flush()
     except BaseException as exc:
