@@ -15,7 +15,7 @@ import torch
 
 from train_seg.engine import autocast, train_one_epoch
 from train_seg.losses import CrossEntropyLoss
-from train_seg.models import build_model
+from train_seg.models import build_deeplabv3
 
 
 def bare_steps(model, criterion, optimizer, scaler, batch, device, dtype, steps, channels_last):
@@ -58,7 +58,7 @@ def main() -> None:
     print(f"{'variant':<22} {'step s':>8} {'img/s':>8}")
     criterion = CrossEntropyLoss()
     for name, dtype, channels_last in variants:
-        model = build_model(args.arch, args.classes).to(device)
+        model = build_deeplabv3(args.arch, args.classes).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -67,7 +67,7 @@ def main() -> None:
         print(f"{name:<22} {step:8.3f} {args.batch / step:8.1f}")
 
     # engine overhead: the same steps through train_one_epoch (bf16), against the bare loop above
-    model = build_model(args.arch, args.classes).to(device)
+    model = build_deeplabv3(args.arch, args.classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     bare = bare_steps(model, criterion, optimizer, scaler, batch, device, torch.bfloat16, args.steps, False)

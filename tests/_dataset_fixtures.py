@@ -36,7 +36,7 @@ class Fixture:
 
 def hand_class_counts(masks: list[np.ndarray], num_classes: int, ignore_index: int = IGNORE) -> np.ndarray:
     """Pixels per class over ``masks`` (training labels), ignore pixels excluded: a plain loop over classes,
-    independent of ``train_seg.data.stats``."""
+    independent of ``train_seg.data.class_stats``."""
     counts = np.zeros(num_classes, dtype=np.int64)
     for mask in masks:
         for label in range(num_classes):

@@ -8,6 +8,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import pytest
 import torch
+
+import train_seg  # noqa: F401  registers the config schemas the YAML files extend (train_seg/schema.py)
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 

@@ -56,7 +56,7 @@ def test_cli_help_and_cfg_job(tmp_path):
 
 
 def test_stats_cli_prints_every_scheme_side_by_side(tmp_path):
-    from train_seg.data.stats import compute_class_stats
+    from train_seg.data.class_stats import compute_class_stats
     from train_seg.data.synthetic import SyntheticShapes
     from train_seg.weighting import class_weights
 

@@ -39,7 +39,7 @@ from train_seg.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, ADE20KSegmenta
 from train_seg.data.base import DatasetError, SegmentationDataset
 from train_seg.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CityscapesSegmentation
 from train_seg.data.folder import FolderSegmentation, ratio_split
-from train_seg.data.stats import compute_class_stats
+from train_seg.data.class_stats import compute_class_stats
 from train_seg.data.transforms import ClassAwareRandomCrop, dominant_class_share
 from train_seg.data.voc import VOC_CLASSES, VOC_PALETTE, VOCSegmentation
 
@@ -516,7 +516,7 @@ TRAIN_OVERRIDES = [
     "dataset.transforms.crop_size=32", "dataset.transforms.val_height=32", "dataset.transforms.val_width=32",
     "trainer.batch_size=2", "trainer.val_batch_size=2", "trainer.max_epochs=2", "trainer.max_steps=2",
     "trainer.num_workers=0", "trainer.progress=false", "trainer.log_every=1", "scheduler.warmup_steps=1",
-    "model.weights=null", "model.weights_backbone=null", "logger.tensorboard=false",
+    "model.weights=null", "model.weights_backbone=null", "logger.tensorboard=null",
 ]
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from train_seg import visualize
-from train_seg.loggers import (
+from train_seg.record import mark_failed
+from train_seg.sinks.tensorboard import (
     TensorBoardLogger,
     custom_scalars_layout,
     hparam_metric_tags,
     hparams_from_config,
-    mark_failed,
 )
 
 CLASSES = ["background", "lake", "road", "car"]
@@ -179,7 +179,7 @@ def test_crash_mid_training_leaves_failed_status_and_last_evaluation(make_cfg, t
 
     monkeypatch.setattr(train_module, "train_one_epoch", flaky_epoch)
     run_dir = tmp_path / "run"
-    cfg = make_cfg("trainer.max_epochs=3", "trainer.eval_every=1", "logger.num_overlays=2", "dataset.num_val=6")
+    cfg = make_cfg("trainer.max_epochs=3", "trainer.eval_every=1", "logger.tensorboard.num_overlays=2", "dataset.num_val=6")
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_module.train(cfg, run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())

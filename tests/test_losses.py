@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 import train_seg.losses as L
+from train_seg.losses._functional import ABSENT_MODES, GDL_WEIGHT_TYPES, generalized_dice_weights
+from train_seg.losses.base import SegmentationLoss
 
 IGNORE = 255
 ROOT = Path(__file__).resolve().parents[1]
@@ -827,3 +829,88 @@ def test_weighted_sum_from_hydra_recursive_instantiate():
     loss = hydra.utils.instantiate(cfg.loss)
     logits, target = batch(c=4, seed=18)
     assert torch.isfinite(loss(logits, target)) and set(loss.last_terms) == {"ce", "dice"}
+
+
+# -- the loss family: declared attributes -----------------------------------------------------------------------------
+SIGMOID_LOSSES = {"BCEWithLogitsLoss", "SigmoidFocalLoss", "BinaryDiceLoss"}
+
+
+@pytest.mark.parametrize("name", sorted(L.__all__))
+def test_declared_attributes_match_the_constructor(name):
+    """The independent check that ``binary`` and ``takes_class_weights`` do not lie."""
+    cls = getattr(L, name)
+    assert cls.takes_class_weights is ("weight" in inspect.signature(cls).parameters)
+    if name == "WeightedSum":  # composition: its terms decide (an instance property)
+        assert isinstance(inspect.getattr_static(cls, "binary"), property)
+        return
+    assert issubclass(cls, SegmentationLoss)
+    assert cls.binary is (name in SIGMOID_LOSSES)
+    loss = cls()
+    assert loss.binary is cls.binary
+    assert ("weight" in loss._buffers) is cls.takes_class_weights  # the buffer exists exactly when weights are taken
+
+
+@pytest.mark.parametrize("name, loss, c", ALL_LOSSES, ids=ALL_IDS)
+def test_instances_declare_the_head_they_need(name, loss, c):
+    assert loss.binary is (c == 1)
+
+
+def test_weighted_sum_is_binary_when_all_its_terms_are():
+    assert L.WeightedSum({"bce": L.BCEWithLogitsLoss(), "dice": L.BinaryDiceLoss()}).binary is True
+    assert L.WeightedSum({"ce": L.CrossEntropyLoss(), "dice": L.DiceLoss()}).binary is False
+    assert L.WeightedSum({"bce": L.BCEWithLogitsLoss(), "dice": L.DiceLoss()}).binary is False  # a mix fits no head
+    assert L.WeightedSum({"bce": L.BCEWithLogitsLoss(), "own": torch.nn.BCEWithLogitsLoss()}).binary is False
+
+
+def test_builder_reads_takes_class_weights():
+    from train_seg import build
+
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    by_module_path = build.build_criterion(OmegaConf.create({"_target_": "train_seg.losses.dice.DiceLoss"}), weights)
+    assert torch.equal(by_module_path.weight, weights)
+    # a class that does not declare takes_class_weights gets no class weights, even if it accepts ``weight``
+    foreign = build.build_criterion(OmegaConf.create({"_target_": "torch.nn.CrossEntropyLoss"}), weights)
+    assert foreign.weight is None
+
+
+def test_head_check_reads_binary_and_tolerates_unknown_targets():
+    from train_seg.config import ConfigError, _check_head_and_loss
+
+    def check(binary_head, loss):
+        _check_head_and_loss(OmegaConf.create({"model": {"binary_head": binary_head}, "loss": loss}))
+
+    bce_dice = {"_target_": "train_seg.losses.WeightedSum",
+                "terms": {"bce": {"_target_": "train_seg.losses.BCEWithLogitsLoss"},
+                          "dice": {"_target_": "train_seg.losses.binary.BinaryDiceLoss"}}}
+    check(True, bce_dice)
+    check(False, {"_target_": "train_seg.losses.CrossEntropyLoss"})
+    check(False, {"_target_": "no_such_module.SomeLoss"})  # left to build.py's import error
+    with pytest.raises(ConfigError, match=r"loss \(SomeLoss\) is multi-class"):
+        check(True, {"_target_": "no_such_module.SomeLoss"})
+    with pytest.raises(ConfigError, match=r"the loss \(BinaryDiceLoss\) is for a one-channel head"):
+        check(False, bce_dice["terms"]["dice"])
+
+
+# -- generalized Dice weights -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("absent", ABSENT_MODES)
+@pytest.mark.parametrize("weight_type", GDL_WEIGHT_TYPES)
+def test_generalized_dice_weights_are_scale_invariant(weight_type, absent):
+    counts = torch.tensor([1.0, 3.0, 0.0, 10.0])
+    power = {"square": 2, "simple": 1, "uniform": 0}[weight_type]
+    raw = [g ** -power if g > 0 else None for g in counts.tolist()]
+    largest = max(x for x in raw if x is not None)
+    raw = [(largest if absent == "include" else 0.0) if x is None else x for x in raw]
+    expected = torch.tensor(raw) / sum(raw)
+    small = generalized_dice_weights(counts, weight_type, absent)
+    assert torch.allclose(small, expected, rtol=1e-6, atol=0)
+    for scale in (1e6, 1e7):  # 1 / G^2 is 1e-12 .. 1e-16 here, below the 1e-12 clamp of the normaliser
+        big = generalized_dice_weights(counts * scale, weight_type, absent)
+        assert big.sum().item() == pytest.approx(1.0, abs=1e-6)
+        assert torch.allclose(big, small, rtol=1e-6, atol=0)
+
+
+def test_generalized_dice_weights_of_large_equal_classes():
+    for pixels in (4e6, 1e7):  # used to give 0.0625 each (sum 0.125) for 4e6
+        weights = generalized_dice_weights(torch.tensor([pixels, pixels]), "square", "include")
+        assert torch.allclose(weights, torch.tensor([0.5, 0.5]), rtol=1e-6, atol=0)
+    assert generalized_dice_weights(torch.zeros(3), "square", "include").tolist() == [0.0, 0.0, 0.0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from train_seg.data.base import DatasetError, SegmentationSource
-from train_seg.data.stats import ClassStats, cache_path, compute_class_stats
+from train_seg.data.class_stats import ClassStats, cache_path, compute_class_stats
 
 
 class InMemorySource(SegmentationSource):
@@ -148,7 +148,7 @@ def test_cache_hit_does_not_read_masks(source, tmp_path, caplog):
     assert source.load_calls == 4
     assert cache_path(source, cache_dir).is_file()
     assert [p.name for p in cache_dir.iterdir()] == [cache_path(source, cache_dir).name]  # no temp file left
-    with caplog.at_level(logging.INFO, logger="train_seg.data.stats"):
+    with caplog.at_level(logging.INFO, logger="train_seg.data.class_stats"):
         second = compute_class_stats(source, cache_dir=cache_dir, progress=False)
     assert source.load_calls == 4
     assert "cache hit" in caplog.text
@@ -175,7 +175,7 @@ def test_cache_key_covers_label_space(source, tmp_path):
 def test_corrupt_cache_is_recomputed(source, tmp_path, caplog, garbage):
     path = cache_path(source, tmp_path)
     path.write_text(garbage)
-    with caplog.at_level(logging.WARNING, logger="train_seg.data.stats"):
+    with caplog.at_level(logging.WARNING, logger="train_seg.data.class_stats"):
         stats = compute_class_stats(source, cache_dir=tmp_path, progress=False)
     assert source.load_calls == 4
     assert stats.pixel_counts.tolist() == [7, 3, 2]
@@ -196,7 +196,7 @@ def test_cache_with_wrong_number_of_images_is_recomputed(source, tmp_path):
 def test_unwritable_cache_is_a_warning(source, tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with caplog.at_level(logging.WARNING, logger="train_seg.data.stats"):
+    with caplog.at_level(logging.WARNING, logger="train_seg.data.class_stats"):
         stats = compute_class_stats(source, cache_dir=blocker / "cache", progress=False)
     assert stats.pixel_counts.tolist() == [7, 3, 2]
     assert "could not write cache" in caplog.text

@@ -3,6 +3,7 @@ mean, the CSV/Markdown/PNG files, and ``python -m train_seg.summary`` on a parti
 import csv
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env
-from train_seg.summary import find_job_dirs, markdown, summarize, swept_keys, write_summary
+from train_seg.summary import (console_table, csv_rows, find_job_dirs, markdown, mean_std, parse_baseline,
+                               summarize, swept_keys, write_summary)
+from train_seg.summary import main as summary_main
 
 # class order in the dataset is NOT the order by pixel share: the summary must sort it
 CLASSES = ["background", "car", "lake", "road"]
@@ -154,3 +157,178 @@ def test_summary_command_on_a_partial_sweep_without_torch(partial_sweep):
     missing = subprocess.run([sys.executable, "-m", "train_seg.summary", str(partial_sweep / "nope")], env=cli_env(),
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "not a directory" in missing.stderr
+
+
+# ------------------------------------------------------------------------------------------ seeds, configurations
+# car is the one rare class (0.5%); its IoU is the rare mIoU. Hand-made values and their statistics:
+#   weighting=none     seeds 0 1 2  car 0.00 0.02 0.04   mean 0.02   std 0.02          (the default baseline)
+#   weighting=inverse  seeds 0 1 2  car 0.20 0.30 0.25   mean 0.25   std 0.05          0.20 > 0.04: beats
+#   weighting=enet     seeds 0 1 2  car 0.03 0.09, seed 2 FAILED (car 0.90, left out)
+#                                                        mean 0.06   std 0.0424        0.0176 < 0.04: does not beat
+#   weighting=log      seed 0       car 0.50             mean 0.50   std NaN (n = 1)   undetermined
+SEEDED = {
+    "none": [0.00, 0.02, 0.04],
+    "inverse": [0.20, 0.30, 0.25],
+    "enet": [0.03, 0.09, 0.90],
+    "log": [0.50],
+}
+
+
+@pytest.fixture
+def seeded_sweep(tmp_path) -> Path:
+    sweep = tmp_path / "seeded"
+    num = 0
+    for scheme, cars in SEEDED.items():
+        for seed, car in enumerate(cars):
+            failed = scheme == "enet" and seed == 2
+            fake_job(sweep, f"{num}_seed={seed},weighting={scheme}", [f"weighting={scheme}", f"seed={seed}"],
+                     "failed" if failed else "completed",
+                     {"background": 0.9 - car / 10, "car": car, "lake": 0.6 + seed / 10, "road": 0.3},
+                     error="RuntimeError: simulated crash" if failed else None)
+            num += 1
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task:\n    - weighting=none,inverse,enet,log\n    - seed=0,1,2\n")
+    return sweep
+
+
+def test_mean_std():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)  # sample std, ddof = 1
+    mean, std, n = mean_std([5.0, math.nan, None])
+    assert (mean, n) == (5.0, 1) and math.isnan(std)  # one value: no std
+    assert math.isnan(mean_std([])[0]) and mean_std([])[2] == 0
+
+
+def test_parse_baseline():
+    assert parse_baseline("weighting=none") == ["weighting=none"]
+    assert parse_baseline("loss=ce weighting=none") == parse_baseline("loss=ce,weighting=none") == [
+        "loss=ce", "weighting=none"]
+    assert parse_baseline("weighting:none") == ["weighting=none"]  # no quoting needed on a Hydra command line
+    assert parse_baseline("weighting.values=[1,2,3] loss=ce") == ["weighting.values=[1,2,3]", "loss=ce"]
+    assert parse_baseline(["loss=ce"]) == ["loss=ce"] and parse_baseline(None) == []
+
+
+def test_jobs_that_differ_only_in_seed_form_one_configuration(seeded_sweep):
+    summary = summarize(seeded_sweep)
+    assert summary.has_repeats and summary.varying_keys == ["weighting", "seed"]
+    assert [group.overrides for group in summary.groups] == [[f"weighting={s}"] for s in SEEDED]
+    assert [group.n for group in summary.groups] == [3, 3, 2, 1]
+    assert [group.seeds for group in summary.groups] == [["0", "1", "2"]] * 3 + [["0"]]
+    none, inverse, enet, log = summary.groups
+    assert none.mean["IoU/car"] == pytest.approx(0.02) and none.std["IoU/car"] == pytest.approx(0.02)
+    assert none.mean["final_rare_mIoU"] == pytest.approx(0.02)
+    assert inverse.mean["IoU/car"] == pytest.approx(0.25) and inverse.std["IoU/car"] == pytest.approx(0.05)
+    assert inverse.std["IoU/lake"] == pytest.approx(statistics.stdev([0.6, 0.7, 0.8]))
+    assert inverse.mean["final_mIoU"] == pytest.approx(statistics.mean(
+        [(0.9 - c / 10 + c + 0.6 + s / 10 + 0.3) / 4 for s, c in enumerate(SEEDED["inverse"])]))
+    assert inverse.std["final_mIoU"] == pytest.approx(statistics.stdev(
+        [(0.9 - c / 10 + c + 0.6 + s / 10 + 0.3) / 4 for s, c in enumerate(SEEDED["inverse"])]))
+    assert log.mean["IoU/car"] == pytest.approx(0.5) and math.isnan(log.std["IoU/car"])  # n = 1: no std
+    assert inverse.mean["recall/car"] == pytest.approx(0.25)  # recall and precision: means too
+    assert math.isnan(inverse.mean["precision/car"])  # never recorded: NaN, not 0
+
+
+def test_failed_jobs_are_left_out_of_the_statistics_but_listed(seeded_sweep):
+    summary = summarize(seeded_sweep)
+    enet = summary.groups[2]
+    assert [job.status for job in enet.jobs] == ["completed", "completed", "failed"]
+    assert enet.n == 2 and [job.num for job in enet.excluded] == [8]
+    assert enet.mean["IoU/car"] == pytest.approx(0.06)  # not (0.03 + 0.09 + 0.90) / 3
+    assert enet.std["IoU/car"] == pytest.approx(statistics.stdev([0.03, 0.09]))
+    header, rows = csv_rows(summary)
+    group_row = [r for r in rows if r["kind"] == "group"][2]
+    assert group_row["n"] == 2 and group_row["status"] == "2 completed, 1 failed"
+    assert "8_seed=2,weighting=enet (failed)" in group_row["error"]
+    text = markdown(summary)
+    assert "| 2 | `weighting=enet` | 2 of 3 |" in text
+    assert "`weighting=enet seed=2` (failed): RuntimeError: simulated crash" in text  # the job table lists it
+
+
+def test_beats_the_baseline_only_by_more_than_the_seed_spread(seeded_sweep):
+    summary = summarize(seeded_sweep)
+    none, inverse, enet, log = summary.groups
+    assert summary.baseline is none and none.is_baseline  # first configuration with weighting=none
+    assert inverse.beats_baseline is True  # 0.25 - 0.05 > 0.02 + 0.02
+    assert enet.beats_baseline is False  # 0.06 - 0.042 < 0.04
+    assert log.beats_baseline is None  # n = 1: no spread, no verdict (0.5 alone would look like a win)
+    assert none.beats_baseline is None
+    assert inverse.beats["car"] is True and inverse.beats["road"] is False  # road: identical values, std 0
+    assert enet.beats["car"] is False
+
+
+def test_a_named_baseline(seeded_sweep):
+    summary = summarize(seeded_sweep, baseline="weighting:inverse")
+    none, inverse, enet, log = summary.groups
+    assert summary.baseline is inverse and not none.is_baseline
+    assert none.beats_baseline is False and enet.beats_baseline is False and inverse.beats_baseline is None
+    assert "named with summary.baseline" in summary.baseline_note
+    missing = summarize(seeded_sweep, baseline="weighting=median_freq")
+    assert missing.baseline is None and "no configuration has `weighting=median_freq`" in missing.baseline_note
+    assert all(group.beats_baseline is None for group in missing.groups)
+
+
+def test_csv_has_one_row_per_job_then_one_per_configuration(seeded_sweep):
+    write_summary(seeded_sweep)
+    with open(seeded_sweep / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    jobs = [r for r in rows if r["kind"] == "job"]
+    groups = [r for r in rows if r["kind"] == "group"]
+    assert len(jobs) == 10 and len(groups) == 4 and rows[:10] == jobs
+    assert [r["group"] for r in jobs] == ["0"] * 3 + ["1"] * 3 + ["2"] * 3 + ["3"]
+    assert jobs[0]["seed"] == "0" and jobs[0]["n"] == "" and jobs[0]["std/IoU/car"] == ""
+    none, inverse, enet, log = groups
+    assert none["seed"] == "0 1 2" and none["weighting"] == "none" and none["overrides"] == "weighting=none"
+    assert none["n"] == "3" and float(none["IoU/car"]) == pytest.approx(0.02)
+    assert float(none["std/IoU/car"]) == pytest.approx(0.02)
+    assert float(inverse["std/final_rare_mIoU"]) == pytest.approx(0.05)
+    assert log["n"] == "1" and log["std/IoU/car"] == "" and log["std/final_mIoU"] == ""
+    assert [g["baseline"] for g in groups] == ["yes", "", "", ""]
+    assert [g["beats_baseline"] for g in groups] == ["", "yes", "no", ""]
+    assert inverse["beats/car"] == "yes" and enet["beats/car"] == "no" and log["beats/car"] == ""
+    assert none["best_mIoU"] == "" and none["job"] == ""
+
+
+def test_markdown_and_console_show_the_configurations(seeded_sweep):
+    summary = summarize(seeded_sweep)
+    text = markdown(summary)
+    assert "## Configurations: mean ± std over seeds" in text and "## Jobs" in text
+    assert "| 0 | `weighting=none` | 3 | 0 1 2 | " in text and "| 0.020 ± 0.020 | baseline |" in text
+    assert "| 0.250 ± 0.050 | **▲ beats** |" in text and "0.250 ± 0.050 ▲ |" in text  # rare mIoU, car column
+    assert "| 3 | `weighting=log` | 1 | 0 | " in text and "| 0.500 | – |" in text  # n = 1: no ±, no verdict
+    assert text.count("\n| ") == 2 * (1 + 0) + (4 + 10)  # two header rows, 4 configurations, 10 jobs
+    table = console_table(summary)
+    assert "configuration" in table and "0.250 ± 0.050" in table and "▲ beats" in table and "baseline" in table
+    assert table.splitlines()[2].split()[:3] == ["0", "weighting=none", "3"]
+
+
+def test_without_repeats_the_tables_stay_one_row_per_job(partial_sweep):
+    summary = summarize(partial_sweep)
+    assert not summary.has_repeats and len(summary.groups) == 5
+    assert "Configurations" not in markdown(summary) and "configuration" not in console_table(summary)
+    header, rows = csv_rows(summary)
+    assert [r["kind"] for r in rows] == ["job"] * 5 and "std/IoU/car" in header and "beats_baseline" in header
+
+
+def test_summary_command_baseline_option(seeded_sweep, capsys):
+    assert summary_main([str(seeded_sweep), "--baseline", "weighting=enet"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline: configuration 2, `weighting=enet`: named with" in out
+    with open(seeded_sweep / "summary.csv", newline="") as handle:
+        groups = [r for r in csv.DictReader(handle) if r["kind"] == "group"]
+    assert [g["baseline"] for g in groups] == ["", "", "yes", ""]
+
+
+def test_sweep_callback_reads_summary_baseline_and_checks_seeds(seeded_sweep):
+    from omegaconf import OmegaConf
+
+    from train_seg.sweep import SweepSummaryCallback
+
+    callback = SweepSummaryCallback(exit_on_failure=False)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(seeded_sweep)}}, "seeds": 3,
+                               "summary": {"baseline": "weighting=inverse"}})
+    callback.on_multirun_start(config=config)
+    callback.on_multirun_end(config=config)
+    assert "Baseline: configuration 1, `weighting=inverse`: named" in (seeded_sweep / "summary.md").read_text()
+    callback.on_multirun_start(config=OmegaConf.create({"hydra": {}}))  # no seeds key: nothing to check
+    for bad in (0, -1, "3", 1.5):
+        with pytest.raises(ValueError, match=r"seeds=.*must be an integer >= 1"):
+            callback.on_multirun_start(config=OmegaConf.create({"seeds": bad}))

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from conftest import CONFIG_DIR, cli_env
 
 TINY = ["dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64", "trainer.batch_size=2",
-        "trainer.max_epochs=1", "trainer.num_workers=0", "trainer.progress=false", "logger.num_overlays=1"]
+        "trainer.max_epochs=1", "trainer.num_workers=0", "trainer.progress=false", "logger.tensorboard.num_overlays=1"]
 
 
 def run_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
@@ -43,8 +43,9 @@ def test_two_job_multirun_writes_the_summary_and_names_runs_by_override(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     # job dir = TensorBoard run name; the path-valued paths.cache_dir is left out (a `/` would nest directories)
-    assert len(jobs) == 2 and jobs[0].startswith("0_") and jobs[0].endswith(",weighting=none")
-    assert jobs[1].startswith("1_") and jobs[1].endswith(",weighting=inverse") and "cache" not in jobs[1]
+    # the swept key comes first, where run lists and legends cannot cut it off
+    assert len(jobs) == 2 and jobs[0].startswith("0_weighting=none,")
+    assert jobs[1].startswith("1_weighting=inverse,") and "cache" not in jobs[1]
     for job in jobs:
         assert list((sweep / job).glob("events.out.tfevents.*")) and (sweep / job / "metrics.json").is_file()
 
@@ -81,34 +82,38 @@ def test_a_failing_job_is_a_failed_row_and_the_sweep_exits_1(tmp_path):
     assert "1 of 2 jobs did not complete" in result.stderr
 
 
+SEEDS = "range(0,1)"  # the default seeds=1; `seeds=N` repeats every configuration with seeds 0..N-1
+
+
 @pytest.mark.parametrize("preset, expected", [
-    ("weighting", {"weighting": "none,inverse,sqrt_inverse,median_freq,enet,effective_num"}),
-    ("losses", {"loss": "ce,focal,dice,ce_dice"}),
-    ("loss_x_weighting", {"loss": "ce,focal,dice,ce_dice", "weighting": "none,inverse,median_freq"}),
+    ("weighting", {"weighting": "none,inverse,sqrt_inverse,median_freq,enet,effective_num", "seed": SEEDS}),
+    ("losses", {"loss": "ce,focal,dice,ce_dice", "seed": SEEDS}),
+    ("loss_x_weighting", {"loss": "ce,focal,dice,ce_dice", "weighting": "none,inverse,median_freq", "seed": SEEDS}),
 ])
 def test_sweep_presets_set_the_sweeper_params_and_their_options_exist(preset, expected):
     cfg = compose_with_hydra(f"sweep={preset}", "experiment=quick")
     assert dict(cfg.hydra.sweeper.params) == expected
     for group, options in expected.items():
-        for option in options.split(","):
+        for option in options.split(",") if group != "seed" else ():
             assert (Path(CONFIG_DIR) / group / f"{option}.yaml").is_file(), f"{group}={option}"
     assert cfg.trainer.max_epochs == 8 and cfg.trainer.num_workers == 0  # experiment=quick composes with it
     assert cfg.hydra.callbacks.sweep_summary._target_ == "train_seg.sweep.SweepSummaryCallback"
     assert "sweep" in cfg.hydra.job.config.override_dirname.exclude_keys
+    assert compose_with_hydra(f"sweep={preset}", "seeds=3").hydra.sweeper.params.seed == "range(0,3)"
 
 
 def test_main_config_composes_without_the_optional_plugins():
     cfg = compose_with_hydra()
     assert cfg.hydra.sweeper._target_ == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
     subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
-    assert cfg.optimized_metric == "val/mIoU" and subdir == "${hydra.job.num}_${hydra.job.override_dirname}"
+    assert cfg.optimized_metric == "val/mIoU" and subdir == "${train_seg_job_dirname:}"
 
 
 def test_optuna_search_preset_composes():
     cfg = compose_with_hydra("hparams_search=optuna")
     sweeper = cfg.hydra.sweeper
     assert "OptunaSweeper" in sweeper._target_ and sweeper.direction == "maximize" and sweeper.n_trials == 20
-    assert set(sweeper.params) == {"optimizer.lr", "weighting", "loss"}
+    assert set(sweeper.params) == {"optimizer.lr", "weighting.power", "loss"}
     assert cfg.optimized_metric == "val/rare_mIoU"
 
 
@@ -137,4 +142,4 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     # optuna maximised what the main returned: the best val/rare_mIoU of each trial
     values = [json.loads((sweep / r["job"] / "metrics.json").read_text())["best"]["value"] for r in rows]
     assert best.best_value == pytest.approx(max(values))
-    assert set(best.best_params) == {"optimizer.lr", "weighting", "loss"}
+    assert set(best.best_params) == {"optimizer.lr", "weighting.power", "loss"}

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from train_seg.data.stats import ClassStats
+from train_seg.data.class_stats import ClassStats
 from train_seg.weighting import (
     NORMALIZATIONS,
     SCHEMES,
@@ -84,6 +84,39 @@ def test_inverse(stats):  # N / (K N_c)
 def test_sqrt_inverse(stats):
     expected = [math.sqrt(1200 / (3 * 900)), math.sqrt(1200 / (3 * 200)), math.sqrt(1200 / (3 * 100))]
     assert raw(stats, "sqrt_inverse") == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("normalize", list(NORMALIZATIONS))
+@pytest.mark.parametrize("max_ratio", [None, 3.0])
+@pytest.mark.parametrize("split", [SPLIT, [[450, 0, 0, 0], [150, 100, 0, 0], [200, 0, 50, 0]], [[0, 0, 0]]],
+                         ids=["all present", "absent class", "empty split"])
+def test_power_is_none_sqrt_inverse_inverse_at_0_half_1(normalize, max_ratio, split):
+    stats = make_stats(split)
+    for p, scheme in ((0, "none"), (0.5, "sqrt_inverse"), (1, "inverse")):
+        expected = class_weights(stats, scheme, normalize=normalize, max_ratio=max_ratio)
+        got = class_weights(stats, "power", normalize=normalize, max_ratio=max_ratio, power=p)
+        assert torch.equal(got, expected), (p, scheme)  # exactly, not approximately
+
+
+def test_sqrt_inverse_numbers_unchanged_by_the_power_formula(stats):
+    # sqrt_inverse is power(0.5): numpy's x ** 0.5 must be sqrt(x) bit for bit (the weights stay what they were)
+    assert raw(stats, "sqrt_inverse") == np.sqrt([1200 / 2700, 2.0, 4.0]).astype(np.float32).tolist()
+    assert raw(stats, "inverse") == np.asarray([1200 / 2700, 2.0, 4.0]).astype(np.float32).tolist()
+
+
+def test_power_quarter(stats):  # (N / (K N_c))^0.25, N / (K N_c) = [4/9, 2, 4]
+    expected = [(4 / 9) ** 0.25, 2 ** 0.25, 4 ** 0.25]  # [0.8165, 1.1892, 1.4142]
+    assert raw(stats, "power", power=0.25) == pytest.approx(expected, rel=1e-6)
+    mean = sum(expected) / 3
+    assert class_weights(stats, "power", power=0.25).tolist() == pytest.approx([w / mean for w in expected], rel=1e-6)
+    # clip then normalise, like every scheme: max_ratio 1.5 caps 4^0.25 (not 2^0.25) at 1.5 * (4/9)^0.25 = 1.2247
+    cap = 1.5 * (4 / 9) ** 0.25
+    assert raw(stats, "power", power=0.25, max_ratio=1.5) == pytest.approx([(4 / 9) ** 0.25, 2 ** 0.25, cap],
+                                                                          rel=1e-6)
+
+
+def test_power_above_one_is_allowed(stats):
+    assert raw(stats, "power", power=2) == pytest.approx([(4 / 9) ** 2, 4.0, 16.0])
 
 
 def test_median_freq(stats):
@@ -275,6 +308,10 @@ def test_manual_bad_values(stats, values):
         ("effective_num", {"count": "masks"}, "weighting.count"),
         ("enet", {"c": 1.0}, "weighting.c"),
         ("log", {"mu": 0.0}, "weighting.mu"),
+        ("power", {"power": -0.5}, "weighting.power"),
+        ("power", {"power": float("nan")}, "weighting.power"),
+        ("power", {"power": float("inf")}, "weighting.power"),
+        ("power", {"power": "strong"}, "weighting.power"),
         ("inverse", {"beta": 0.9}, "weighting.beta"),
         ("inverse", {"max_ratio": 0.5}, "weighting.max_ratio"),
     ],
@@ -319,7 +356,7 @@ def test_weights_always_finite_positive_and_normalised(per_image, scheme, max_ra
 def test_pixel_frequency_schemes_are_scale_free(per_image, scale):
     # inverse, sqrt_inverse, median_freq, enet and log depend on pixel SHARES only
     stats, scaled = make_stats(per_image), make_stats([[n * scale for n in row] for row in per_image])
-    for scheme in ("inverse", "sqrt_inverse", "median_freq", "enet", "log"):
+    for scheme in ("inverse", "sqrt_inverse", "power", "median_freq", "enet", "log"):
         assert torch.allclose(class_weights(stats, scheme), class_weights(scaled, scheme), rtol=1e-5), scheme
 
 
@@ -331,7 +368,7 @@ def test_rarer_class_never_weighs_less(per_image):
     present = order[stats.pixel_counts[order] > 0]
     if present.size == 0:
         return
-    for scheme in ("inverse", "sqrt_inverse", "enet", "log"):
+    for scheme in ("inverse", "sqrt_inverse", "power", "enet", "log"):
         weights = class_weights(stats, scheme).numpy()[present]
         assert (np.diff(weights) <= 1e-6 * weights.max()).all(), scheme
 
@@ -341,7 +378,7 @@ def test_rarer_class_never_weighs_less(per_image):
 
 def test_all_scheme_weights(stats):
     weights = all_scheme_weights(stats)
-    assert set(weights) == set(SCHEMES) - {"manual"}
+    assert set(weights) == set(SCHEMES) - {"manual", "power"}  # power at its default 0.5 is sqrt_inverse
     assert torch.allclose(weights["inverse"], class_weights(stats, "inverse"))
 
 

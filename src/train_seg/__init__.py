@@ -1,0 +1,15 @@
+"""train_seg: DeepLabV3 segmentation training for class-imbalanced data (``python -m train_seg``).
+
+Importing the package registers the typed config schemas (``train_seg.schema``) in Hydra's ConfigStore: the YAML
+files of configs/ extend them, so compose the configs after ``import train_seg``. This import stays light (no torch).
+"""
+import os
+
+# albumentations checks PyPI for a newer release at import: never from this package (set once, before any import)
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from train_seg.naming import register_resolvers  # noqa: E402
+from train_seg.schema import register_schemas  # noqa: E402
+
+register_schemas()
+register_resolvers()

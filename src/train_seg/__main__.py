@@ -9,22 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 from pathlib import Path
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+from train_seg.cli import CONFIG_DIR, USER_ERRORS, exit_with_user_error
+
 log = logging.getLogger("train_seg")
-# what bad input raises (ConfigError, DatasetError, ModelError, CheckpointError are ValueErrors): reported as a
-# one-paragraph message without a traceback
-USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def _is_multirun() -> bool:
@@ -43,16 +37,14 @@ def run_task(cfg: DictConfig) -> float:
     try:
         run = prepare(cfg, run_dir)
     except USER_ERRORS as exc:
-        message = f"train_seg: error: {exc}"
         log.debug("traceback of the error above", exc_info=True)
-        print(message, file=sys.stderr)
-        sys.exit(2)
-    return _best_value(fit(run))
+        exit_with_user_error("train_seg", exc)
+    return _best_value(fit(run).best)
 
 
-def _best_value(payload: dict) -> float:
-    best = (payload.get("best") or {}).get("value")
-    return float(best) if best is not None else math.nan
+def _best_value(best: dict | None) -> float:
+    value = (best or {}).get("value")
+    return float(value) if value is not None else math.nan
 
 
 def _run_sweep_job(cfg: DictConfig, run_dir: Path) -> float:
@@ -60,11 +52,11 @@ def _run_sweep_job(cfg: DictConfig, run_dir: Path) -> float:
     in its metrics.json as ``status: failed`` with the error (keeping the last completed evaluation) and returned as
     NaN, so the sweeper launches the other jobs and the sweep callback writes the summary, lists this job as failed
     and exits non-zero (see train_seg.sweep)."""
-    from train_seg.loggers import mark_failed
+    from train_seg.record import mark_failed
     from train_seg.train import fit, prepare
 
     try:
-        return _best_value(fit(prepare(cfg, run_dir)))
+        return _best_value(fit(prepare(cfg, run_dir)).best)
     except Exception as exc:
         if isinstance(exc, USER_ERRORS):
             log.error("train_seg: error: %s", exc)  # bad input: the one-paragraph message says it all

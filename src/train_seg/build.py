@@ -6,13 +6,10 @@ unwrapped, so the user sees the constructor's own one-paragraph message, not Hyd
 """
 from __future__ import annotations
 
-import inspect
 import multiprocessing
-import os
 import random
 import sys
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks for updates online at import
 
 import numpy as np
 import torch
@@ -27,8 +24,6 @@ from train_seg.data.base import SegmentationDataset, SegmentationSource
 
 # Keys of a dataset node that are not constructor arguments.
 RESERVED_DATASET_KEYS = ("transforms", "name")
-# Keys of a model node consumed by the training loop, not by the model builder.
-RESERVED_MODEL_KEYS = ("aux_weight", "channels_last")
 # Key of a loss (term) node: false keeps that term unweighted even when a weighting scheme is selected.
 CLASS_WEIGHTS_KEY = "class_weights"
 WEIGHTED_SUM = "train_seg.losses.WeightedSum"
@@ -115,8 +110,7 @@ def build_loaders(trainer_cfg, train_set: SegmentationDataset, val_set: Segmenta
 
 # -- model -----------------------------------------------------------------------------------------------------
 def build_model(model_cfg, num_classes: int) -> nn.Module:
-    spec = {k: v for k, v in _plain(model_cfg, "model").items() if k not in RESERVED_MODEL_KEYS}
-    return _instantiate(spec, "model", num_classes=num_classes)
+    return _instantiate(_plain(model_cfg, "model"), "model", num_classes=num_classes)
 
 
 # -- loss ------------------------------------------------------------------------------------------------------
@@ -128,6 +122,11 @@ def build_criterion(loss_cfg, class_weights: torch.Tensor | None) -> nn.Module:
 
 
 def _build_loss(spec: dict, class_weights, key: str) -> nn.Module:
+    """Builds the loss node at ``key``. ``class_weights`` go as ``weight=`` to a loss class that declares
+    ``takes_class_weights = True`` (every shipped loss whose constructor accepts ``weight``), unless the node sets
+    ``class_weights: false`` or its own ``weight``. A class without that attribute (e.g. a user's own loss) gets
+    no class weights, whatever its constructor accepts: declare ``takes_class_weights = True`` to receive them.
+    A ``WeightedSum`` node builds each of its ``terms`` this way."""
     spec = dict(spec)
     target = spec.get("_target_")
     if not target:
@@ -145,10 +144,30 @@ def _build_loss(spec: dict, class_weights, key: str) -> nn.Module:
         raise ConfigError(f"{key}._target_={target!r} cannot be imported ({exc}).") from exc
     kwargs = {}
     if use_weights and class_weights is not None and spec.get("weight") is None:
-        if "weight" in inspect.signature(cls).parameters:
+        if getattr(cls, "takes_class_weights", False) is True:
             spec.pop("weight", None)
             kwargs["weight"] = class_weights.clone()
     return _instantiate(spec, key, **kwargs)
+
+
+# -- reporting -------------------------------------------------------------------------------------------------
+def build_sinks(logger_cfg) -> list:
+    """The sinks of ``logger`` (a mapping name -> ``{_target_: ...}``; null entries are off), in config order,
+    then the run-files sink (checkpoints, metrics.json), which is always on and always last."""
+    from train_seg.sinks import RunFilesSink
+
+    spec = _plain(logger_cfg, "logger") if logger_cfg is not None else {}
+    sinks = []
+    for name, node in spec.items():
+        if node is None or node is False:
+            continue
+        if not isinstance(node, dict) or not node.get("_target_"):
+            raise ConfigError(
+                f"logger.{name}={node!r} is not a sink: each logger entry is a mapping with a `_target_` class "
+                f"(e.g. +logger.{name}._target_=my_module.MySink), or null to turn it off."
+            )
+        sinks.append(_instantiate(node, f"logger.{name}"))
+    return sinks + [RunFilesSink()]
 
 
 # -- optimisation ----------------------------------------------------------------------------------------------

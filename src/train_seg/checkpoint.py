@@ -7,14 +7,14 @@ Every value is a tensor, a number, a string or a container of those, so the safe
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from train_seg.atomic import atomic_write
 
 CHECKPOINT_VERSION = 1
 
@@ -67,22 +67,10 @@ def _from_safe(obj):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Writes ``state`` to ``path`` atomically: a temp file in the same folder, fsync, then rename over ``path``.
-    A crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes ``state`` (plus ``version``) to ``path`` atomically (``train_seg.atomic``): a crash mid-write leaves
+    the previous file intact."""
     payload = {"version": CHECKPOINT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
 
 
 def resolve_checkpoint(spec: str | Path) -> Path:

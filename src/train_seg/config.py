@@ -1,15 +1,18 @@
-"""Checks of the composed config that Hydra cannot do itself (unknown keys are already refused by Hydra's struct
-mode). Each failure is a ``ConfigError`` whose message names the key, the bad value and the fix; it is raised
-before any data is read or any model built.
+"""Checks of the composed config that Hydra cannot do itself. Hydra already refuses unknown keys (struct mode) and
+values of the wrong type (the schemas of ``train_seg.schema``); ``validate_config`` checks the values. Each failure
+is a ``ConfigError`` whose message names the key, the bad value and the fix; it is raised before any data is read or
+any model built.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from omegaconf import OmegaConf
 
-PRECISIONS = ("auto", "32", "16-mixed", "bf16-mixed")
-OPTIMIZED_METRICS = ("val/mIoU", "val/rare_mIoU", "val/pixel_acc", "val/mean_acc", "val/fwIoU")
+from train_seg.schema import OPTIMIZED_METRICS, PRECISIONS, checks, normalize_precision  # noqa: F401 (re-exported)
+
+_ABSENT = object()
 
 
 class ConfigError(ValueError):
@@ -21,42 +24,32 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def normalize_precision(value) -> str:
-    text = str(value).strip()
-    return {"32-true": "32", "fp32": "32", "bf16": "bf16-mixed", "16": "16-mixed", "fp16": "16-mixed"}.get(text, text)
-
-
 def validate_config(cfg) -> None:
-    trainer = cfg.trainer
-    precision = normalize_precision(trainer.precision)
-    _require(precision in PRECISIONS,
-             f"trainer.precision={trainer.precision!r} is not valid; choose one of {', '.join(PRECISIONS)}.")
-    _require(int(trainer.batch_size) >= 2,
-             f"trainer.batch_size={trainer.batch_size}: must be >= 2, because DeepLabV3's ASPP pooling branch has "
-             "BatchNorm on a 1x1 map, which cannot be trained on a single image.")
-    _require(int(trainer.val_batch_size) >= 1, f"trainer.val_batch_size={trainer.val_batch_size}: must be >= 1.")
-    _require(int(trainer.max_epochs) >= 1, f"trainer.max_epochs={trainer.max_epochs}: must be >= 1.")
-    _require(trainer.max_steps is None or int(trainer.max_steps) >= 1,
-             f"trainer.max_steps={trainer.max_steps}: must be >= 1 or null (no step limit).")
-    _require(int(trainer.eval_every) >= 1, f"trainer.eval_every={trainer.eval_every}: must be >= 1 (epochs).")
-    _require(int(trainer.log_every) >= 1, f"trainer.log_every={trainer.log_every}: must be >= 1 (steps).")
-    _require(int(trainer.num_workers) >= 0, f"trainer.num_workers={trainer.num_workers}: must be >= 0.")
-    _require(trainer.num_threads is None or int(trainer.num_threads) >= 1,
-             f"trainer.num_threads={trainer.num_threads}: must be >= 1 or null (torch's default).")
-    _require(trainer.grad_clip is None or float(trainer.grad_clip) > 0,
-             f"trainer.grad_clip={trainer.grad_clip}: must be > 0 (max gradient norm) or null.")
-    _require(trainer.pin_memory in ("auto", True, False),
-             f"trainer.pin_memory={trainer.pin_memory!r}: use auto, true or false.")
-    _require(cfg.optimized_metric in OPTIMIZED_METRICS,
-             f"optimized_metric={cfg.optimized_metric!r} is not a logged metric; choose one of {', '.join(OPTIMIZED_METRICS)}.")
-    _require(0.0 < float(cfg.rare_share) < 1.0, f"rare_share={cfg.rare_share}: must be in (0, 1), e.g. 0.01.")
+    """Every check of the composed config, in one place; raises the first failure as a ``ConfigError``.
+
+    First the declarative ones of ``train_seg.schema`` (the ``Check`` of each schema field: ranges, choices,
+    finiteness; then ``GROUP_CHECKS`` for the keys the selected group options have), then those that need code:
+    the head must fit the loss, and the device and precision must exist on this machine.
+    """
+    for key, check in checks():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT:
+            message = check.error(key, value)
+            _require(message is None, message)
     _check_head_and_loss(cfg)
-    aux_weight = float(cfg.model.aux_weight)
-    _require(math.isfinite(aux_weight) and aux_weight >= 0, f"model.aux_weight={aux_weight}: must be >= 0.")
+    resolve_precision(cfg.trainer.precision, resolve_device(cfg.trainer.device))
 
 
-BINARY_LOSSES = ("train_seg.losses.BCEWithLogitsLoss", "train_seg.losses.SigmoidFocalLoss",
-                 "train_seg.losses.BinaryDiceLoss")
+def _is_binary_loss(target: str) -> bool:
+    """Whether the loss class at ``target`` declares ``binary = True`` (one-channel sigmoid losses do). A target
+    that cannot be imported counts as not binary here: build.py reports it, naming the key."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(target)
+    except Exception:
+        return False
+    return getattr(cls, "binary", False) is True
 
 
 def _loss_targets(node) -> list[str]:
@@ -68,10 +61,11 @@ def _loss_targets(node) -> list[str]:
 
 
 def _check_head_and_loss(cfg) -> None:
-    """A one-channel head needs binary losses and multi-class heads need multi-class losses: caught here, with the
-    fix, instead of as a shape error inside the first training step."""
+    """A one-channel head needs binary losses and multi-class heads need multi-class losses (as each loss class
+    declares by its ``binary`` attribute): caught here, with the fix, instead of as a shape error inside the first
+    training step."""
     targets = _loss_targets(cfg.loss)
-    binary = [t in BINARY_LOSSES for t in targets]
+    binary = [_is_binary_loss(t) for t in targets]
     head = bool(cfg.model.binary_head)
     if head and not all(binary):
         raise ConfigError(

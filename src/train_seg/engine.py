@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -14,13 +15,44 @@ from tqdm.auto import tqdm
 
 from train_seg.metrics import ConfusionMatrix, predictions
 
-# trainer.precision -> autocast dtype (None = full fp32)
-PRECISIONS = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop runs on its device: the autocast dtype (None = fp32), memory format, the auxiliary-head loss
+    weight, gradient clipping, how often the loss is read back and logged, and whether progress bars show."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    aux_weight: float = 0.0
+    grad_clip: float | None = None
+    log_every: int = 10
+    progress: bool = True
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
     """Mixed-precision context for ``dtype`` on ``device`` (a disabled autocast, i.e. fp32, when dtype is None)."""
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def to_device(images: torch.Tensor, settings: LoopSettings) -> torch.Tensor:
+    return images.to(settings.device, non_blocking=True).contiguous(memory_format=settings.memory_format)
+
+
+def predict_batch(model: nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None = None,
+                  channels_last: bool = False) -> torch.Tensor:
+    """The one inference step: images ``(N, C, H, W)`` to the device, autocast, ``model(x)["out"]``.
+
+    Returns the logits ``(N, K, H, W)`` on the device, in the autocast dtype (bf16 logits are exact in float32, so
+    an arg-max needs no copy). The caller puts the model in eval mode and disables autograd."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    with autocast(device, amp_dtype):
+        return model(images)["out"]
 
 
 def forward_loss(model: nn.Module, criterion: nn.Module, images, targets, aux_weight: float):
@@ -39,79 +71,62 @@ def forward_loss(model: nn.Module, criterion: nn.Module, images, targets, aux_we
     return loss, outputs["out"], terms
 
 
-def train_one_epoch(
-    model: nn.Module,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    scaler: torch.amp.GradScaler,
-    loader,
-    device: torch.device,
-    *,
-    epoch: int,
-    global_step: int,
-    amp_dtype: torch.dtype | None = None,
-    aux_weight: float = 0.0,
-    grad_clip: float | None = None,
-    max_steps: int | None = None,
-    channels_last: bool = False,
-    log_every: int = 10,
-    log_scalars: Callable[[dict, int], None] | None = None,
-    progress: bool = True,
-) -> tuple[int, float]:
+def _optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer, scheduler, scaler, grad_clip) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    scaler: torch.amp.GradScaler, loader, settings: LoopSettings, *, epoch: int, global_step: int,
+                    max_steps: int | None = None,
+                    on_log: Callable[[dict, int], None] | None = None) -> tuple[int, float]:
     """Trains until the loader is exhausted or ``global_step`` reaches ``max_steps``.
 
-    The loss is accumulated on the device and read back (a host sync) only every ``log_every`` steps, when
-    ``train/loss``, ``train/loss/<term>`` and ``train/lr`` are logged through ``log_scalars(scalars, step)``.
+    The loss is accumulated on the device and read back (a host sync) only every ``settings.log_every`` steps, when
+    ``train/loss``, ``train/loss/<term>`` and ``train/lr`` are handed to ``on_log(scalars, step)``.
     Returns ``(global_step, mean loss over the epoch's steps)``.
     """
     model.train()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    loss_sum = torch.zeros((), device=device)
-    window_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=settings.device)
+    window_sum = torch.zeros((), device=settings.device)
     term_sums: dict[str, torch.Tensor] = {}
     steps = window_steps = images_seen = 0
     tic = time.perf_counter()
-    bar = tqdm(loader, desc=f"train {epoch}", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(loader, desc=f"train {epoch}", disable=not settings.progress, dynamic_ncols=True, leave=False)
     for images, targets in bar:
         if max_steps is not None and global_step >= max_steps:
             break
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            loss, _, terms = forward_loss(model, criterion, images, targets, aux_weight)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
-        global_step += 1
-        steps += 1
-        window_steps += 1
+        images, targets = to_device(images, settings), targets.to(settings.device, non_blocking=True)
+        with autocast(settings.device, settings.amp_dtype):
+            loss, _, terms = forward_loss(model, criterion, images, targets, settings.aux_weight)
+        _optimizer_step(loss, model, optimizer, scheduler, scaler, settings.grad_clip)
+        global_step, steps, window_steps = global_step + 1, steps + 1, window_steps + 1
         images_seen += images.shape[0]
         loss_sum += loss.detach()
         window_sum += loss.detach()
         for name, value in terms.items():
             term_sums[name] = term_sums.get(name, 0) + value.float()
-        if window_steps == log_every:
+        if window_steps == settings.log_every:
             # sync point: once every log_every steps, never per step
             scalars = _window_scalars(window_sum, term_sums, window_steps, optimizer)
-            if log_scalars is not None:
-                log_scalars(scalars, global_step)
+            if on_log is not None:
+                on_log(scalars, global_step)
             rate = images_seen / max(time.perf_counter() - tic, 1e-9)
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}", img_s=f"{rate:.1f}")
             window_sum.zero_()
             term_sums.clear()
             window_steps = 0
-    if window_steps and log_scalars is not None:
-        log_scalars(_window_scalars(window_sum, term_sums, window_steps, optimizer), global_step)
+    if window_steps and on_log is not None:
+        on_log(_window_scalars(window_sum, term_sums, window_steps, optimizer), global_step)
     bar.close()
-    mean_loss = float(loss_sum) / steps if steps else math.nan
-    return global_step, mean_loss
+    return global_step, float(loss_sum) / steps if steps else math.nan
 
 
 def _window_scalars(window_sum: torch.Tensor, term_sums: dict, steps: int, optimizer) -> dict[str, float]:
@@ -122,30 +137,16 @@ def _window_scalars(window_sum: torch.Tensor, term_sums: dict, steps: int, optim
 
 
 @torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader,
-    device: torch.device,
-    num_classes: int,
-    *,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    progress: bool = True,
-    desc: str = "eval",
-) -> ConfusionMatrix:
+def evaluate(model: nn.Module, loader, num_classes: int, settings: LoopSettings, desc: str = "eval") -> ConfusionMatrix:
     """Accumulates one confusion matrix over the whole loader (on the device), reduced across processes once."""
     model.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    confusion = ConfusionMatrix(num_classes, device=device)
+    confusion = ConfusionMatrix(num_classes, device=settings.device)
     tic = time.perf_counter()
     seen = 0
-    bar = tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(loader, desc=desc, disable=not settings.progress, dynamic_ncols=True, leave=False)
     for images, targets in bar:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(images)["out"]
-        confusion.update(predictions(logits.float()), targets)
+        logits = predict_batch(model, images, settings.device, settings.amp_dtype, settings.channels_last)
+        confusion.update(predictions(logits), targets.to(settings.device, non_blocking=True))
         seen += images.shape[0]
         bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.1f}", refresh=False)
     bar.close()

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights
+from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights, resnet50, resnet101
 from torchvision.models import segmentation as tv_seg
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+from torchvision.models.segmentation.fcn import FCNHead
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +36,23 @@ ARCHITECTURES = {
 }
 
 
+# arch: (output strides accepted by ``model.output_stride``, the architecture's own). torchvision dilates the last
+# MobileNetV3 stage (1/16) and the last two ResNet stages (1/8).
+OUTPUT_STRIDES = {
+    "deeplabv3_mobilenet_v3_large": ((8, 16), 16),
+    "deeplabv3_resnet50": ((8, 16), 8),
+    "deeplabv3_resnet101": ((8, 16), 8),
+}
+# ResNet ``replace_stride_with_dilation`` per output stride (torchvision's deeplabv3_resnet* use the 8 entry).
+_RESNET_DILATION = {8: [False, True, True], 16: [False, False, True]}
+_RESNETS = {"deeplabv3_resnet50": resnet50, "deeplabv3_resnet101": resnet101}
+
+
 class ModelError(ValueError):
     """Bad model configuration or a missing weights file; the message names the key or path and the fix."""
 
 
-def build_model(
+def build_deeplabv3(
     arch: str,
     num_classes: int,
     aux_loss: bool = False,
@@ -45,6 +60,7 @@ def build_model(
     binary_head: bool = False,
     weights: str | None = None,
     weights_backbone: str | None = None,
+    output_stride: int | None = None,
 ) -> nn.Module:
     """Builds a randomly initialised DeepLabV3 (``weights=None, weights_backbone=None``), then loads local weights.
 
@@ -59,6 +75,10 @@ def build_model(
             are skipped and reported.
         weights_backbone: backbone weights: a file path (an ImageNet classification checkpoint of the same
             backbone) or ``"hub"``.
+        output_stride: input size / backbone output size, 8 or 16 (None = the architecture's own: 16 for
+            MobileNetV3, 8 for the ResNets). Smaller means a finer output map (small objects) at more compute in the
+            last stages and the ASPP; strides are replaced by dilation, so parameter names and shapes (and weight
+            files) are the same for every value.
     """
     if arch not in ARCHITECTURES:
         raise ModelError(f"model.arch={arch!r} is not known; choose one of {sorted(ARCHITECTURES)}.")
@@ -68,8 +88,22 @@ def build_model(
             f"{num_classes} classes; set model.binary_head=false."
         )
     builder, full_enum, backbone_enum = ARCHITECTURES[arch]
+    choices, default_stride = OUTPUT_STRIDES[arch]
+    if output_stride is None:
+        output_stride = default_stride
+    if isinstance(output_stride, bool) or output_stride not in choices:
+        raise ModelError(
+            f"model.output_stride={output_stride!r} is not supported by {arch}; choose one of {list(choices)} "
+            f"or null (the architecture's own, {default_stride})."
+        )
+    output_stride = int(output_stride)
     out_channels = 1 if binary_head else num_classes
-    model = builder(weights=None, weights_backbone=None, num_classes=out_channels, aux_loss=aux_loss)
+    if arch in _RESNETS and output_stride != default_stride:
+        model = _deeplabv3_resnet(arch, out_channels, aux_loss, output_stride)
+    else:
+        model = builder(weights=None, weights_backbone=None, num_classes=out_channels, aux_loss=aux_loss)
+        if "mobilenet" in arch and output_stride != default_stride:
+            _dilate_mobilenet(model.backbone, output_stride)
     if weights_backbone is not None:
         path = _resolve_weights(weights_backbone, backbone_enum, "model.weights_backbone")
         _load_backbone(model, arch, path)
@@ -79,6 +113,43 @@ def build_model(
     if bn_momentum is not None:
         set_bn_momentum(model, float(bn_momentum))
     return model
+
+
+def _deeplabv3_resnet(arch: str, num_classes: int, aux_loss: bool, output_stride: int) -> DeepLabV3:
+    """torchvision's ``deeplabv3_resnet50/101`` (same modules, names and init order) with the backbone's
+    ``replace_stride_with_dilation`` chosen for ``output_stride``."""
+    backbone = _RESNETS[arch](weights=None, replace_stride_with_dilation=_RESNET_DILATION[output_stride])
+    return_layers = {"layer4": "out"}
+    if aux_loss:
+        return_layers["layer3"] = "aux"
+    backbone = IntermediateLayerGetter(backbone, return_layers=return_layers)
+    aux_classifier = FCNHead(1024, num_classes) if aux_loss else None
+    return DeepLabV3(backbone, DeepLabHead(2048, num_classes), aux_classifier)
+
+
+def _dilate_mobilenet(features: nn.Module, output_stride: int) -> None:
+    """Lowers the output stride of torchvision's (already last-stage dilated) MobileNetV3 features in place, the
+    DeepLab way: the strided block that would take the map below 1/``output_stride`` gets stride 1, and its and every
+    later k x k conv's dilation is multiplied by the stride removed (cumulative: the last stage goes from 2 to 4 at
+    output stride 8), with padding ``dilation * (k - 1) // 2`` so sizes are kept. Only conv hyper-parameters change,
+    never a parameter; the return layers ('out' = last block, 'aux' = the 1/8 block) stay where they are."""
+    current, factor = 1, 1
+    for block in features.children():
+        convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+        strided = [m for m in convs if m.stride != (1, 1)]
+        if len(strided) > 1:  # not a MobileNetV3 block (one strided conv per block)
+            raise ModelError(f"cannot dilate block {type(block).__name__}: {len(strided)} strided convs.")
+        for conv in strided:
+            step = conv.stride[0]
+            if current * step > output_stride:
+                conv.stride = (1, 1)
+                factor *= step
+            else:
+                current *= step
+        for conv in convs:
+            if conv.kernel_size != (1, 1) and factor > 1:
+                conv.dilation = tuple(d * factor for d in conv.dilation)
+                conv.padding = tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
 
 
 def hub_checkpoint_path(weights_enum) -> Path:

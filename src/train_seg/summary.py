@@ -25,6 +25,31 @@ job without evaluation) is an empty cell.
 Rare classes: pixel share in the TRAINING split below ``rare_share`` (``--rare-share``; by default the value the
 jobs ran with, i.e. the top-level config key ``rare_share``). ``*_rare_mIoU`` is the mean IoU over the rare classes
 present (NaN-excluded), recomputed here from the per-class IoU so that every row uses the same rare classes.
+
+Configurations (groups) and seeds. Jobs whose overrides are the same except ``seed=...`` form one configuration
+(``GroupResult``), e.g. the three jobs of ``weighting=inverse seed=0,1,2``. Per configuration, over its COMPLETED jobs
+only (failed and unfinished jobs are listed, never averaged in): ``n``, and the mean and the sample standard deviation
+(``ddof=1``; NaN, an empty cell, when fewer than two values) of ``final_mIoU``, ``final_rare_mIoU`` and every class's
+final IoU, recall and precision. A class's values are its finite ones (an absent class is left out).
+
+The baseline is the configuration the others are compared with: the one whose overrides contain all of the
+``baseline`` overrides (``--baseline "weighting=none"``, config key ``summary.baseline``; ``key:value`` is accepted
+for ``key=value``, several overrides separated by spaces or commas), else the first configuration with
+``weighting=none`` or ``loss=ce`` among the swept keys. A configuration BEATS the baseline on a metric when
+``mean - std > baseline mean + baseline std``: better by more than the seed spread of both. It needs n >= 2 on both
+sides (with one run there is no spread to compare with): otherwise the mark is undetermined (empty). Reported for the
+rare mIoU (``beats_baseline``) and per class (``beats/<class>``).
+
+summary.csv has one row per job (``kind=job``, ``group`` = its configuration's number) and, when some configuration
+has more than one job, then one row per configuration (``kind=group``; without repeats a configuration row would only
+repeat its job's row, so the file stays one row per job): ``overrides`` without the seed, the seed column lists its
+seeds, ``status`` counts its jobs, ``n``, the means in the usual metric columns (``final_mIoU``,
+``final_rare_mIoU``, ``IoU/<class>``, ``recall/<class>``, ``precision/<class>``; the ``best_*`` columns stay empty),
+``std/final_mIoU``, ``std/final_rare_mIoU``, ``std/IoU/<class>``, ``std/recall/<class>``, ``std/precision/<class>``,
+``baseline`` (yes for the baseline), ``beats_baseline`` and ``beats/<class>`` (yes / no / empty = undetermined) and,
+in ``error``, the jobs left out of the statistics.
+summary.md and the console table show the configurations (mean ± std, n, the marks) when some configuration has more
+than one job; otherwise they stay one row per job.
 """
 from __future__ import annotations
 
@@ -40,6 +65,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from train_seg.atomic import atomic_write
 
 FILES = ("summary.csv", "summary.md", "summary.png")
 COMPLETED = "completed"
@@ -76,6 +103,56 @@ class JobResult:
     has_metrics: bool = False
 
 
+SEED_KEY = "seed"  # jobs whose overrides differ only in this key are one configuration
+# Swept keys whose value makes a configuration the default baseline (the first group with one of them).
+BASELINE_OVERRIDES = ("weighting=none", "loss=ce")
+BEATS_MARK = "▲"
+
+
+@dataclass
+class GroupResult:
+    """One configuration: the jobs whose overrides are equal once ``seed=...`` is left out. The statistics
+    (``mean``, ``std``, ``count`` per metric: ``final_mIoU``, ``final_rare_mIoU``, ``IoU/<class>``,
+    ``recall/<class>``, ``precision/<class>``) are over the completed jobs only; ``std`` is the sample standard
+    deviation (ddof=1), NaN below two values."""
+
+    index: int
+    overrides: list[str]  # the jobs' overrides without seed, in the first job's order
+    jobs: list[JobResult]
+    mean: dict[str, float] = field(default_factory=dict)
+    std: dict[str, float] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+    is_baseline: bool = False
+    beats_baseline: bool | None = None  # on final_rare_mIoU; None = undetermined (no baseline, n < 2, NaN)
+    beats: dict[str, bool | None] = field(default_factory=dict)  # per class IoU, same rule
+
+    @property
+    def completed(self) -> list[JobResult]:
+        return [job for job in self.jobs if job.status == COMPLETED]
+
+    @property
+    def excluded(self) -> list[JobResult]:
+        """Jobs listed with the configuration but left out of its statistics (not completed)."""
+        return [job for job in self.jobs if job.status != COMPLETED]
+
+    @property
+    def n(self) -> int:
+        return len(self.completed)
+
+    @property
+    def seeds(self) -> list[str]:
+        """The seed overrides of its jobs (none when seed is not set on the command line)."""
+        values = [_override_value(job.overrides, SEED_KEY) for job in self.jobs]
+        return [value for value in values if value is not None]
+
+    def status_text(self) -> str:
+        """``3 completed`` or ``2 completed, 1 failed``."""
+        counts: dict[str, int] = {}
+        for job in self.jobs:
+            counts[job.status] = counts.get(job.status, 0) + 1
+        return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
 @dataclass
 class SweepSummary:
     sweep_dir: Path
@@ -87,6 +164,14 @@ class SweepSummary:
     rare_share_note: str
     varying_keys: list[str]
     common_overrides: list[str]
+    groups: list[GroupResult] = field(default_factory=list)  # jobs that differ only in seed, in job order
+    baseline: GroupResult | None = None
+    baseline_note: str = ""
+
+    @property
+    def has_repeats(self) -> bool:
+        """Some configuration ran more than once (a seed sweep): the group tables are shown."""
+        return any(len(group.jobs) > 1 for group in self.groups)
 
     @property
     def not_completed(self) -> list[JobResult]:
@@ -214,8 +299,112 @@ def _nanmean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def summarize(sweep_dir: str | Path, rare_share: float | None = None) -> SweepSummary:
-    """Reads every job of a sweep directory. ``rare_share`` overrides the jobs' own ``rare_share``."""
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof=1) and count of the finite values; NaN std below two values, NaN mean
+    without any."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n = len(finite)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(finite) / n
+    if n < 2:
+        return mean, math.nan, n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)), n
+
+
+def _override_value(overrides: Sequence[str], key: str) -> str | None:
+    for override in overrides:
+        if "=" in override and _override_key(override) == key:
+            return override.split("=", 1)[1]
+    return None
+
+
+def _group_metrics(job: JobResult, classes: Sequence[str]) -> dict[str, float]:
+    """The metrics a configuration aggregates, from one job: final mIoU, rare mIoU, per-class IoU, recall,
+    precision (the names of summary.csv's columns)."""
+    return {"final_mIoU": job.final_miou, "final_rare_mIoU": job.final_rare_miou,
+            **{f"IoU/{n}": job.final_iou.get(n, math.nan) for n in classes},
+            **{f"recall/{n}": job.final_recall.get(n, math.nan) for n in classes},
+            **{f"precision/{n}": job.final_precision.get(n, math.nan) for n in classes}}
+
+
+def _metric_names(classes: Sequence[str]) -> list[str]:
+    return ["final_mIoU", "final_rare_mIoU", *(f"{kind}/{n}" for kind in ("IoU", "recall", "precision")
+                                                for n in classes)]
+
+
+def group_jobs(jobs: Sequence[JobResult], classes: Sequence[str]) -> list[GroupResult]:
+    """Configurations: jobs with the same overrides once ``seed=...`` is removed (order of overrides ignored),
+    numbered in the order of their first job; statistics over each one's completed jobs."""
+    groups: dict[frozenset, GroupResult] = {}
+    for job in jobs:
+        overrides = [o for o in job.overrides if _override_key(o) != SEED_KEY]
+        key = frozenset(overrides)
+        if key not in groups:
+            groups[key] = GroupResult(index=len(groups), overrides=overrides, jobs=[])
+        groups[key].jobs.append(job)
+    for group in groups.values():
+        values = [_group_metrics(job, classes) for job in group.completed]
+        for metric in _metric_names(classes):
+            group.mean[metric], group.std[metric], group.count[metric] = mean_std([v[metric] for v in values])
+    return list(groups.values())
+
+
+def parse_baseline(spec: str | Sequence[str] | None) -> list[str]:
+    """``"loss=ce weighting=none"``, ``"loss=ce,weighting=none"``, ``"weighting:none"`` or a list -> overrides
+    (``key:value`` becomes ``key=value``, for a command line where ``=`` would need quoting)."""
+    if spec is None:
+        return []
+    items = [spec] if isinstance(spec, str) else [str(item) for item in spec]
+    tokens: list[str] = []
+    for item in items:
+        depth, current = 0, ""
+        for char in item:  # split on whitespace and on commas outside brackets (weighting.values=[1,2,3])
+            depth += char in "[({"
+            depth -= char in "])}"
+            if (char.isspace() or char == ",") and depth <= 0:
+                tokens.append(current)
+                current = ""
+            else:
+                current += char
+        tokens.append(current)
+    tokens = [t.strip() for t in tokens if t.strip()]
+    return [t if "=" in t or ":" not in t else t.replace(":", "=", 1) for t in tokens]
+
+
+def beats(mean: float, std: float, base_mean: float, base_std: float) -> bool | None:
+    """``mean - std > base_mean + base_std``; None when a value is NaN (in particular a std from fewer than two
+    runs: without a spread there is nothing to beat it by)."""
+    if any(math.isnan(v) for v in (mean, std, base_mean, base_std)):
+        return None
+    return mean - std > base_mean + base_std
+
+
+def choose_baseline(groups: Sequence[GroupResult], varying_keys: Sequence[str],
+                    spec: str | Sequence[str] | None = None) -> tuple[GroupResult | None, str]:
+    """The baseline configuration and a sentence saying how it was chosen. A named ``spec``: the first group whose
+    overrides contain all of it. Otherwise the first group holding one of ``BASELINE_OVERRIDES`` with its key among
+    ``varying_keys`` (the swept keys)."""
+    wanted = parse_baseline(spec)
+    if wanted:
+        shown = " ".join(wanted)
+        for group in groups:
+            if all(o in group.overrides for o in wanted):
+                return group, f"named with summary.baseline / --baseline (`{shown}`)"
+        return None, f"no configuration has `{shown}` (summary.baseline / --baseline)"
+    candidates = [o for o in BASELINE_OVERRIDES if _override_key(o) in varying_keys]
+    for group in groups:
+        if any(o in group.overrides for o in candidates):
+            return group, ("the first configuration with " + " or ".join(f"`{o}`" for o in BASELINE_OVERRIDES)
+                           + " among the swept keys (choose another with summary.baseline / --baseline)")
+    return None, ("no configuration has " + " or ".join(f"`{o}`" for o in BASELINE_OVERRIDES)
+                  + " among the swept keys; name one with summary.baseline / --baseline")
+
+
+def summarize(sweep_dir: str | Path, rare_share: float | None = None,
+              baseline: str | Sequence[str] | None = None) -> SweepSummary:
+    """Reads every job of a sweep directory. ``rare_share`` overrides the jobs' own ``rare_share``; ``baseline``
+    names the baseline configuration (overrides, see ``parse_baseline``; None = the default rule)."""
     sweep_dir = Path(sweep_dir)
     jobs = [read_job(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
 
@@ -261,9 +450,20 @@ def summarize(sweep_dir: str | Path, rare_share: float | None = None) -> SweepSu
             key = _override_key(override)
             if override not in common and key not in varying:
                 varying.append(key)
+    groups = group_jobs(jobs, classes)
+    base, base_note = choose_baseline(groups, varying, baseline)
+    if base is not None:
+        base.is_baseline = True
+        for group in groups:
+            if group is base:
+                continue
+            group.beats_baseline = beats(group.mean["final_rare_mIoU"], group.std["final_rare_mIoU"],
+                                         base.mean["final_rare_mIoU"], base.std["final_rare_mIoU"])
+            group.beats = {n: beats(group.mean[f"IoU/{n}"], group.std[f"IoU/{n}"], base.mean[f"IoU/{n}"],
+                                    base.std[f"IoU/{n}"]) for n in classes}
     return SweepSummary(sweep_dir=sweep_dir, jobs=jobs, classes=classes, pixel_share=[shares[n] for n in classes],
                         rare=rare, rare_share=rare_share, rare_share_note=note, varying_keys=varying,
-                        common_overrides=common)
+                        common_overrides=common, groups=groups, baseline=base, baseline_note=base_note)
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -273,20 +473,37 @@ def job_label(job: JobResult, summary: SweepSummary) -> str:
     return " ".join(own) if own else "(no overrides)"
 
 
+def group_label(group: GroupResult, summary: SweepSummary) -> str:
+    """The overrides that tell this configuration apart from the others, seed left out (``weighting=inverse``)."""
+    own = [o for o in group.overrides if o not in summary.common_overrides]
+    return " ".join(own) if own else "(no overrides)"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "" if value is None else "yes" if value else "no"
+
+
 def csv_rows(summary: SweepSummary) -> tuple[list[str], list[dict[str, Any]]]:
-    """Header and rows of summary.csv (NaN and missing values as empty cells)."""
-    reserved = {"job", "num", "overrides", "status", "error"}
+    """Header and rows of summary.csv (NaN and missing values as empty cells): one row per job (``kind=job``),
+    then, when some configuration ran more than once, one per configuration (``kind=group``, see the module
+    docstring). The columns are the same either way."""
+    reserved = {"job", "num", "overrides", "status", "error", "kind", "group", "n", "baseline", "beats_baseline"}
     keys = [k for k in summary.varying_keys if k not in reserved]
-    header = ["job", "num", "overrides", *keys, "status", "epochs", "best_epoch", "best_metric", "best_value",
-              "best_mIoU", "final_mIoU", "best_rare_mIoU", "final_rare_mIoU",
-              *(f"IoU/{name}" for name in summary.classes), *(f"recall/{name}" for name in summary.classes),
-              *(f"precision/{name}" for name in summary.classes), "error"]
+    classes = summary.classes
+    header = ["job", "num", "overrides", *keys, "kind", "group", "status", "n", "epochs", "best_epoch", "best_metric",
+              "best_value", "best_mIoU", "final_mIoU", "best_rare_mIoU", "final_rare_mIoU",
+              *(f"IoU/{name}" for name in classes), *(f"recall/{name}" for name in classes),
+              *(f"precision/{name}" for name in classes),
+              "std/final_mIoU", "std/final_rare_mIoU",
+              *(f"std/{kind}/{name}" for kind in ("IoU", "recall", "precision") for name in classes),
+              "baseline", "beats_baseline", *(f"beats/{name}" for name in classes), "error"]
+    group_of = {id(job): group.index for group in summary.groups for job in group.jobs}
     rows = []
     for job in summary.jobs:
         values = {_override_key(o): o.split("=", 1)[1] if "=" in o else "" for o in job.overrides}
         row: dict[str, Any] = {
             "job": job.name, "num": job.num, "overrides": " ".join(job.overrides),
-            **{k: values.get(k, "") for k in keys},
+            **{k: values.get(k, "") for k in keys}, "kind": "job", "group": group_of.get(id(job)),
             "status": job.status, "epochs": job.epochs, "best_epoch": job.best_epoch, "best_metric": job.best_metric,
             "best_value": job.best_value, "best_mIoU": job.best_miou, "final_mIoU": job.final_miou,
             "best_rare_mIoU": job.best_rare_miou, "final_rare_mIoU": job.final_rare_miou,
@@ -295,6 +512,18 @@ def csv_rows(summary: SweepSummary) -> tuple[list[str], list[dict[str, Any]]]:
             **{f"precision/{n}": job.final_precision.get(n, math.nan) for n in summary.classes},
             "error": job.error or "",
         }
+        rows.append({k: _csv_cell(v) for k, v in row.items()})
+    for group in summary.groups if summary.has_repeats else []:  # one job per configuration: its row says it all
+        values = {_override_key(o): o.split("=", 1)[1] if "=" in o else "" for o in group.overrides}
+        values[SEED_KEY] = " ".join(group.seeds)
+        excluded = ", ".join(f"{job.name} ({job.status})" for job in group.excluded)
+        row = {"job": "", "num": None, "overrides": " ".join(group.overrides), **{k: values.get(k, "") for k in keys},
+               "kind": "group", "group": group.index, "status": group.status_text(), "n": group.n,
+               **{metric: group.mean[metric] for metric in _metric_names(classes)},
+               **{f"std/{metric}": group.std[metric] for metric in _metric_names(classes)},
+               "baseline": "yes" if group.is_baseline else "", "beats_baseline": _yes_no(group.beats_baseline),
+               **{f"beats/{n}": _yes_no(group.beats.get(n)) for n in classes},
+               "error": f"not in the statistics: {excluded}" if excluded else ""}
         rows.append({k: _csv_cell(v) for k, v in row.items()})
     return header, rows
 
@@ -315,6 +544,60 @@ def _md(value: float, job: JobResult | None = None, absent: str = "absent") -> s
 
 def _md_text(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+def _pm(mean: float, std: float, absent: str = "–") -> str:
+    """``0.512 ± 0.020``; the mean alone when there is no std (one value); ``absent`` without a mean."""
+    if math.isnan(mean):
+        return absent
+    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _versus(group: GroupResult) -> str:
+    if group.is_baseline:
+        return "baseline"
+    return {True: f"{BEATS_MARK} beats", False: "no", None: "–"}[group.beats_baseline]
+
+
+def _group_class_cell(group: GroupResult, name: str) -> str:
+    has_values = any(job.final_iou for job in group.completed)
+    text = _pm(group.mean[f"IoU/{name}"], group.std[f"IoU/{name}"], "absent" if has_values else "–")
+    return text + (f" {BEATS_MARK}" if group.beats.get(name) else "")
+
+
+def _n_text(group: GroupResult) -> str:
+    return str(group.n) if not group.excluded else f"{group.n} of {len(group.jobs)}"
+
+
+def _baseline_text(summary: SweepSummary) -> str:
+    base = summary.baseline
+    if base is None:
+        return f"none: {summary.baseline_note}"
+    return f"configuration {base.index}, `{_md_text(group_label(base, summary))}`: {summary.baseline_note}"
+
+
+def _groups_markdown(summary: SweepSummary, class_headers: list[str]) -> list[str]:
+    lines = ["## Configurations: mean ± std over seeds", "",
+             "- A configuration is the set of jobs whose overrides differ only in `seed`. Statistics over its "
+             "completed jobs (`n`; failed or unfinished jobs are left out and listed below); ± is the sample standard "
+             "deviation (n - 1), left out when n = 1.",
+             f"- Baseline: {_baseline_text(summary)}.",
+             f"- {BEATS_MARK}: better than the baseline by more than the seed spread, `mean - std > baseline mean + "
+             "baseline std` (rare mIoU in `vs baseline`, the class's IoU in the class columns); it needs n >= 2 on "
+             "both sides (`–`: undetermined).", ""]
+    header = ["config", "overrides", "n", "seeds", "final mIoU", "rare mIoU", "vs baseline", *class_headers]
+    lines.append("| " + " | ".join(_md_text(h) for h in header) + " |")
+    lines.append("|" + "|".join(["---:", "---", "---:", "---", "---:", "---:", "---"] + ["---:"] * len(class_headers))
+                 + "|")
+    for group in summary.groups:
+        versus = _versus(group)
+        cells = [str(group.index), f"`{_md_text(group_label(group, summary))}`", _n_text(group),
+                 " ".join(group.seeds) or "–", _pm(group.mean["final_mIoU"], group.std["final_mIoU"]),
+                 _pm(group.mean["final_rare_mIoU"], group.std["final_rare_mIoU"],
+                     "n/a" if group.n else "–"), f"**{versus}**" if group.beats_baseline else versus,
+                 *(_group_class_cell(group, n) for n in summary.classes)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "## Jobs", ""]
 
 
 def _share_text(share: float) -> str:
@@ -344,6 +627,8 @@ def markdown(summary: SweepSummary) -> str:
     lines.append("")
     class_headers = [f"{n} {_share_text(s)}{' (rare)' if r else ''}"
                      for n, s, r in zip(summary.classes, summary.pixel_share, summary.rare)]
+    if summary.has_repeats:
+        lines += _groups_markdown(summary, class_headers)
     header = ["job", "overrides", "status", "epochs", "best epoch", "best mIoU", "final mIoU", "rare mIoU",
               *class_headers]
     lines.append("| " + " | ".join(_md_text(h) for h in header) + " |")
@@ -367,39 +652,87 @@ def markdown(summary: SweepSummary) -> str:
             first_line = reason.strip().splitlines()[0] if reason.strip() else reason
             num = "" if job.num is None else f"{job.num} "
             lines.append(f"- {num}`{_md_text(job_label(job, summary))}` ({job.status}): {_md_text(first_line[:400])}")
-    lines += ["", "Files: `summary.csv` (every column, per-override columns), `summary.png` (per-class IoU per job). "
+    lines += ["", "Files: `summary.csv` (every column, per-override columns, one row per job and per configuration), "
+              "`summary.png` (IoU against training pixel share, recall and precision per configuration; per-class IoU "
+              "per job). "
               "Job directories are TensorBoard run names: `tensorboard --logdir " + str(summary.sweep_dir) + "`.", ""]
     return "\n".join(lines)
 
 
-def summary_png(summary: SweepSummary, path: Path) -> None:
+def _group_legend(group: GroupResult, summary: SweepSummary) -> str:
+    if not summary.has_repeats:  # one job per configuration: label it like the job
+        job = group.jobs[0]
+        num = job.num if job.num is not None else job.name
+        return f"{num}: {group_label(group, summary)}" + ("" if job.status == COMPLETED else f" ({job.status})")
+    extra = f", {len(group.excluded)} not completed" if group.excluded else ""
+    return f"{group.index}: {group_label(group, summary)} (n={group.n}{extra})"
+
+
+def summary_figures(summary: SweepSummary) -> list:
+    """The two figures of summary.png, in the same colours.
+
+    1. per configuration, IoU against training pixel share beside recall and precision
+       (``train_seg.figures.imbalance_figure``: mean ± std over the completed jobs, marks against the baseline);
+    2. the per-class IoU bars (``train_seg.visualize.summary_figure``): the values printed, classes evenly spaced
+       however close their shares are (the log-share axis of 1. crowds them). One bar per job when no configuration
+       repeats (a failed job shows its last evaluation), else one per configuration (the means: per-job bars would
+       not match the colours above, and the per-job values are in summary.md and summary.csv)."""
     import numpy as np
 
+    from train_seg.figures import imbalance_figure
     from train_seg.visualize import summary_figure
 
+    classes, groups = summary.classes, summary.groups
+
+    def table(source: str, kind: str) -> np.ndarray:  # (groups, classes) of group.mean or group.std
+        return np.array([[getattr(g, source)[f"{kind}/{n}"] for n in classes] for g in groups],
+                        dtype=np.float64).reshape(len(groups), len(classes))
+
+    def column(source: str, metric: str) -> list[float]:
+        return [getattr(g, source)[metric] for g in groups]
+
+    marks = ["baseline" if g.is_baseline else BEATS_MARK if g.beats_baseline else "" for g in groups]
+    what = "mean ± std over seeds, completed jobs" if summary.has_repeats else "final evaluation"
+    top = imbalance_figure(
+        classes, summary.pixel_share, [_group_legend(g, summary) for g in groups], table("mean", "IoU"),
+        table("mean", "precision"), table("mean", "recall"), iou_std=table("std", "IoU"),
+        precision_std=table("std", "precision"), recall_std=table("std", "recall"),
+        miou=column("mean", "final_mIoU"), miou_std=column("std", "final_mIoU"),
+        rare_miou=column("mean", "final_rare_mIoU"), rare_miou_std=column("std", "final_rare_mIoU"),
+        marks=marks if summary.has_repeats else None, rare=summary.rare, rare_share=summary.rare_share,
+        title=f"{summary.sweep_dir.name}: per configuration ({what})")
+
+    if summary.has_repeats:
+        bottom = summary_figure(
+            [_group_legend(g, summary) for g in groups], classes, summary.pixel_share, table("mean", "IoU"),
+            summary.rare, column("mean", "final_mIoU"), column("mean", "final_rare_mIoU"),
+            [COMPLETED] * len(groups),  # the legend labels already say n and what did not complete
+            title=f"per-class IoU per configuration, mean over seeds: {summary.sweep_dir.name}")
+        return [top, bottom]
     labels = [f"{job.num if job.num is not None else job.name}: {job_label(job, summary)}" for job in summary.jobs]
-    iou = np.array([[job.final_iou.get(n, math.nan) for n in summary.classes] for job in summary.jobs],
-                   dtype=np.float64).reshape(len(summary.jobs), len(summary.classes))
-    figure = summary_figure(labels, summary.classes, summary.pixel_share, iou, summary.rare,
+    iou = np.array([[job.final_iou.get(n, math.nan) for n in classes] for job in summary.jobs],
+                   dtype=np.float64).reshape(len(summary.jobs), len(classes))
+    bottom = summary_figure(labels, classes, summary.pixel_share, iou, summary.rare,
                             [job.final_miou for job in summary.jobs], [job.final_rare_miou for job in summary.jobs],
                             [job.status for job in summary.jobs], title=f"per-class IoU per job: {summary.sweep_dir.name}")
-    _atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100), binary=True)
+    return [top, bottom]
 
 
-def _atomic_write(path: Path, write, binary: bool = False) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def summary_png(summary: SweepSummary, path: Path) -> None:
+    """summary.png: the two ``summary_figures`` one above the other."""
+    from matplotlib.image import imsave
+
+    from train_seg.figures import stack_figures
+
+    image = stack_figures(summary_figures(summary))
+    atomic_write(path, lambda handle: imsave(handle, image, format="png"), binary=True)
 
 
-def write_summary(sweep_dir: str | Path, rare_share: float | None = None) -> SweepSummary:
-    """Writes summary.csv, summary.md and summary.png into ``sweep_dir``; returns what it summarised."""
-    summary = summarize(sweep_dir, rare_share)
+def write_summary(sweep_dir: str | Path, rare_share: float | None = None,
+                  baseline: str | Sequence[str] | None = None) -> SweepSummary:
+    """Writes summary.csv, summary.md and summary.png into ``sweep_dir``; returns what it summarised. ``baseline``:
+    the baseline configuration's overrides (None: the default rule, see the module docstring)."""
+    summary = summarize(sweep_dir, rare_share, baseline)
     header, rows = csv_rows(summary)
 
     def write_csv(handle) -> None:
@@ -407,15 +740,18 @@ def write_summary(sweep_dir: str | Path, rare_share: float | None = None) -> Swe
         writer.writeheader()
         writer.writerows(rows)
 
-    _atomic_write(summary.sweep_dir / "summary.csv", write_csv)
-    _atomic_write(summary.sweep_dir / "summary.md", lambda handle: handle.write(markdown(summary)))
+    atomic_write(summary.sweep_dir / "summary.csv", write_csv)
+    atomic_write(summary.sweep_dir / "summary.md", lambda handle: handle.write(markdown(summary)))
     summary_png(summary, summary.sweep_dir / "summary.png")
     return summary
 
 
 def console_table(summary: SweepSummary) -> str:
-    """A short fixed-width table for the terminal: job, status, final mIoU, rare mIoU, IoU of the rare classes."""
+    """A short fixed-width table for the terminal: job, status, final mIoU, rare mIoU, IoU of the rare classes; per
+    configuration (n, mean ± std, vs baseline) when some configuration ran more than once."""
     rare_names = [n for n, r in zip(summary.classes, summary.rare) if r]
+    if summary.has_repeats:
+        return _console_groups(summary, rare_names)
     labels = [job_label(job, summary) for job in summary.jobs]
     width = max([len("overrides"), *(len(label) for label in labels)])
     out = io.StringIO()
@@ -430,6 +766,24 @@ def console_table(summary: SweepSummary) -> str:
     return out.getvalue().rstrip("\n")
 
 
+def _console_groups(summary: SweepSummary, rare_names: list[str]) -> str:
+    labels = [group_label(group, summary) for group in summary.groups]
+    width = max([len("configuration"), *(len(label) for label in labels)])
+    cells = [[_n_text(g), _pm(g.mean["final_mIoU"], g.std["final_mIoU"]),
+              _pm(g.mean["final_rare_mIoU"], g.std["final_rare_mIoU"]), _versus(g),
+              *(_group_class_cell(g, n) for n in rare_names)] for g in summary.groups]
+    titles = ["n", "mIoU", "rare mIoU", "vs baseline", *(n[:14] for n in rare_names)]
+    widths = [max([len(t), *(len(row[i]) for row in cells)]) for i, t in enumerate(titles)]
+    out = io.StringIO()
+    head = f"{'#':>3}  {'configuration':<{width}}" + "".join(f"  {t:>{w}}" for t, w in zip(titles, widths))
+    out.write(head + "\n" + "-" * len(head) + "\n")
+    for group, label, row in zip(summary.groups, labels, cells):
+        out.write(f"{group.index:>3}  {label:<{width}}" + "".join(f"  {c:>{w}}" for c, w in zip(row, widths)) + "\n")
+    out.write(f"baseline: {_baseline_text(summary)}. {BEATS_MARK} = mean - std > "
+              "baseline mean + baseline std (needs n >= 2 on both sides); mean ± sample std over completed jobs.")
+    return out.getvalue()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train_seg.summary",
@@ -438,6 +792,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="the multirun directory, e.g. outputs/multirun/2024-01-01/12-00-00")
     parser.add_argument("--rare-share", type=float, default=None,
                         help="a class is rare when its training pixel share is below this (default: the jobs' rare_share)")
+    parser.add_argument("--baseline", default=None, metavar="OVERRIDES",
+                        help="the configuration the others are compared with, e.g. 'weighting=none' or "
+                             "'loss=ce weighting=none' (default: the first with weighting=none or loss=ce among the "
+                             "swept keys)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"train_seg.summary: error: {args.sweep_dir} is not a directory.", file=sys.stderr)
@@ -449,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train_seg.summary: error: no job directory (with .hydra/overrides.yaml or metrics.json) under "
               f"{args.sweep_dir}.", file=sys.stderr)
         return 2
-    summary = write_summary(args.sweep_dir, args.rare_share)
+    summary = write_summary(args.sweep_dir, args.rare_share, args.baseline)
     print(console_table(summary))
     print("wrote " + ", ".join(str(summary.sweep_dir / name) for name in FILES))
     return 0

@@ -13,6 +13,9 @@ How a failing job is handled, end to end:
 
 The callback is registered in ``configs/hydra/default.yaml`` (``hydra.callbacks.sweep_summary``). It reads nothing
 but the files of the sweep directory, so it works the same with the joblib launcher (jobs in other processes).
+The baseline configuration of the summary is the config key ``summary.baseline`` of the multirun's config (see
+``train_seg.summary``). ``on_multirun_start`` checks ``seeds`` (the repeats of the sweep presets, which sweep
+``seed: range(0, seeds)``): a value below 1 would launch no job at all.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 class SweepSummaryCallback(Callback):
@@ -36,6 +39,14 @@ class SweepSummaryCallback(Callback):
         self.rare_share = None if rare_share is None else float(rare_share)
         self.exit_on_failure = bool(exit_on_failure)
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        seeds = OmegaConf.select(config, "seeds", default=None)
+        if seeds is None:
+            return
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ValueError(f"seeds={seeds!r}: must be an integer >= 1 (the number of seeds per configuration of a "
+                             "sweep preset: seed 0 .. seeds-1).")
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from train_seg.summary import FILES, console_table, write_summary
 
@@ -44,7 +55,10 @@ class SweepSummaryCallback(Callback):
             return
         # print, not log: after the last job, the logging handlers still point at that job's log file
         try:
-            summary = write_summary(sweep_dir, self.rare_share)
+            baseline = OmegaConf.select(config, "summary.baseline", default=None)
+            if OmegaConf.is_config(baseline):
+                baseline = OmegaConf.to_container(baseline)
+            summary = write_summary(sweep_dir, self.rare_share, baseline)
         except Exception as exc:  # a summary problem must not hide the jobs' own results
             print(f"train_seg: could not write the sweep summary in {sweep_dir}: {type(exc).__name__}: {exc}\n"
                   f"Retry with: python -m train_seg.summary {sweep_dir}", file=sys.stderr, flush=True)

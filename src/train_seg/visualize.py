@@ -1,9 +1,10 @@
 """Pictures for TensorBoard and the sweep summary: the row-normalised confusion matrix, prediction overlays of a
-fixed set of validation images, and the per-class IoU chart of a sweep.
+fixed set of validation images, and the per-class IoU chart of a sweep. Nothing here runs a model: callers pass
+predicted label maps (``train_seg.engine.predict_batch`` makes them).
 
 Drawn with matplotlib's object API on the Agg canvas (``Figure`` + ``FigureCanvasAgg``, never ``pyplot``): no
-display needed, no global figure registry to leak, safe inside Hydra jobs and DataLoader workers. The module imports
-torch only inside the function that runs the model, so ``python -m train_seg.summary`` stays fast.
+display needed, no global figure registry to leak, safe inside Hydra jobs and DataLoader workers. The module never
+imports torch, so ``python -m train_seg.summary`` stays fast.
 """
 from __future__ import annotations
 
@@ -162,24 +163,6 @@ class OverlaySet:
 
     def __len__(self) -> int:
         return len(self.indices)
-
-    def predict(self, model, device, amp_dtype=None, channels_last: bool = False) -> list[np.ndarray]:
-        """Predicted label maps, one image at a time (val images may differ in size). Leaves the model in eval mode."""
-        import torch
-
-        from train_seg.engine import autocast
-        from train_seg.metrics import predictions
-
-        model.eval()
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        out = []
-        with torch.inference_mode():
-            for image, _ in self.items:
-                batch = image.unsqueeze(0).to(device).contiguous(memory_format=memory_format)
-                with autocast(device, amp_dtype):
-                    logits = model(batch)["out"]
-                out.append(predictions(logits.float())[0].cpu().numpy())
-        return out
 
     def figure(self, predicted: Sequence[np.ndarray], title: str | None = None) -> Figure:
         return overlay_figure(

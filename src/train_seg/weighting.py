@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from train_seg.data.stats import ClassStats
+from train_seg.data.class_stats import ClassStats
 
 __all__ = [
     "SCHEMES",
@@ -74,19 +74,32 @@ def none(stats: ClassStats) -> np.ndarray:
     return np.ones(stats.num_classes, dtype=np.float64)
 
 
-def inverse(stats: ClassStats) -> np.ndarray:
-    """Inverse class frequency: ``w_c = N / (K * N_c)`` (the "balanced" weights of scikit-learn's
-    ``compute_class_weight``); a class holding exactly ``1/K`` of the pixels weighs 1."""
+def power(stats: ClassStats, power: float = 0.5) -> np.ndarray:
+    """Power of inverse frequency, the continuous knob between the three classic choices:
+    ``w_c = (N / (K * N_c)) ** power``. ``power = 0`` is ``none`` (every weight 1), ``0.5`` is ``sqrt_inverse``,
+    ``1`` is ``inverse`` (exactly: those two schemes are this function at those powers). ``power`` must be finite
+    and >= 0; values above 1 are allowed (weights more extreme than inverse frequency). Absent classes get the
+    largest present weight, like every frequency-based scheme (so with ``power = 0`` they weigh 1 too)."""
+    power = _number("power", power)
+    if power < 0:
+        raise ValueError(f"weighting.power={power} must be >= 0 (0 = no weighting, 0.5 = sqrt_inverse, 1 = inverse).")
     counts = _pixel_counts(stats)
     with np.errstate(divide="ignore", invalid="ignore"):
-        weights = counts.sum() / (stats.num_classes * counts)
+        weights = (counts.sum() / (stats.num_classes * counts)) ** power
     return _fill_absent(weights, counts > 0)
+
+
+def inverse(stats: ClassStats) -> np.ndarray:
+    """Inverse class frequency: ``w_c = N / (K * N_c)`` (the "balanced" weights of scikit-learn's
+    ``compute_class_weight``); a class holding exactly ``1/K`` of the pixels weighs 1. ``power`` with ``power=1``."""
+    return power(stats, 1.0)
 
 
 def sqrt_inverse(stats: ClassStats) -> np.ndarray:
     """Square root of inverse frequency: ``w_c = sqrt(N / (K * N_c))``, a softer inverse (ratios are square-rooted,
-    fewer false positives on rare classes)."""
-    return np.sqrt(inverse(stats))
+    fewer false positives on rare classes). ``power`` with ``power=0.5`` (numpy computes ``x ** 0.5`` as
+    ``sqrt(x)``, bit for bit)."""
+    return power(stats, 0.5)
 
 
 def median_freq(stats: ClassStats) -> np.ndarray:
@@ -183,6 +196,7 @@ SCHEMES: dict[str, Callable[..., np.ndarray]] = {
     "none": none,
     "inverse": inverse,
     "sqrt_inverse": sqrt_inverse,
+    "power": power,
     "median_freq": median_freq,
     "enet": enet,
     "effective_num": effective_num,
@@ -252,8 +266,10 @@ def class_weights(
 
 
 def all_scheme_weights(stats: ClassStats, normalize: str = "mean") -> dict[str, torch.Tensor]:
-    """Weights of every scheme with its default parameters (``manual`` is skipped: it has no default)."""
-    return {name: class_weights(stats, name, normalize=normalize) for name in SCHEMES if name != "manual"}
+    """Weights of every scheme with its default parameters. Skipped: ``manual`` (it has no default) and ``power``
+    (at its default ``power=0.5`` it is the ``sqrt_inverse`` column)."""
+    skipped = ("manual", "power")
+    return {name: class_weights(stats, name, normalize=normalize) for name in SCHEMES if name not in skipped}
 
 
 def format_weight_table(class_names: Sequence[str], stats: ClassStats, weights) -> str:

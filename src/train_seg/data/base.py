@@ -1,7 +1,7 @@
 """The dataset seam: every dataset is a ``SegmentationSource`` (one split, in its training label space,
 before augmentation) wrapped by ``SegmentationDataset`` (augmentation + tensors) for the DataLoader.
 
-Class statistics (``train_seg.data.stats``) read ``load_mask`` only, so they never decode images and never see
+Class statistics (``train_seg.data.class_stats``) read ``load_mask`` only, so they never decode images and never see
 augmentation. Loaders raise ``DatasetError`` with a message naming the path and the fix.
 """
 from __future__ import annotations

@@ -6,16 +6,12 @@ wall); those crops carry no signal about rare classes.
 """
 from __future__ import annotations
 
-import os
+from typing import Annotated, Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI for updates at import otherwise
-
-from typing import Annotated, Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-from albumentations.augmentations.crops import functional as fcrops  # noqa: E402
-from albumentations.augmentations.crops.transforms import BaseCrop  # noqa: E402
-from pydantic import Field  # noqa: E402
+import numpy as np
+from albumentations.augmentations.crops import functional as fcrops
+from albumentations.augmentations.crops.transforms import BaseCrop
+from pydantic import Field
 
 __all__ = ["ClassAwareRandomCrop", "dominant_class_share"]
 

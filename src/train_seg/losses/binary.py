@@ -9,18 +9,16 @@ does not change them). float32 with autocast disabled; an all-ignored batch give
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import _functional as LF
+from ._binary import binary_cross_entropy, binary_dice_loss, sigmoid_focal_loss
+from ._checks import as_class_vector, check_number
+from .base import SegmentationLoss
 
 __all__ = ["BCEWithLogitsLoss", "SigmoidFocalLoss", "BinaryDiceLoss"]
 
 
-def _binary_weight(owner: str, weight):
-    return LF.as_class_vector(owner, "weight", weight, length=2)
-
-
-class BCEWithLogitsLoss(nn.Module):
+class BCEWithLogitsLoss(SegmentationLoss):
     """Binary cross-entropy on logits, weighted mean over non-ignored pixels.
 
     Formula: ``l_i = -(pw y_i log s(x_i) + (1 - y_i) log(1 - s(x_i)))`` (torch's
@@ -31,26 +29,28 @@ class BCEWithLogitsLoss(nn.Module):
     background BCE.
     """
 
+    binary = True
+    takes_class_weights = True
+    repr_fields = ("pos_weight", "ignore_index")
+
     def __init__(self, weight=None, pos_weight=None, ignore_index: int = 255):
-        super().__init__()
-        name = type(self).__name__
-        self.ignore_index = LF.check_ignore_index(name, ignore_index)
-        self.register_buffer("weight", _binary_weight(name, weight), persistent=False)
+        super().__init__(ignore_index=ignore_index, weight=weight)
         if pos_weight is not None:
-            pos_weight = LF.as_class_vector(name, "pos_weight", [pos_weight] if isinstance(pos_weight, (int, float))
-                                            else pos_weight, length=1)
+            pos_weight = as_class_vector(self.owner, "pos_weight", [pos_weight]
+                                         if isinstance(pos_weight, (int, float)) else pos_weight, length=1)
         self.register_buffer("pos_weight", pos_weight, persistent=False)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        LF.check_inputs(type(self).__name__, logits, target, binary=True, weight=self.weight)
-        return LF.binary_cross_entropy(logits, target, self.weight, self.pos_weight, self.ignore_index)
+        self.check_inputs(logits, target)
+        return binary_cross_entropy(logits, target, self.weight, self.pos_weight, self.ignore_index)
 
-    def extra_repr(self) -> str:
-        pos_weight = None if self.pos_weight is None else float(self.pos_weight)
-        return f"pos_weight={pos_weight}, ignore_index={self.ignore_index}"
+    def _repr_field(self, name: str) -> str:
+        if name == "pos_weight":  # the scalar of the 1-entry buffer, as str (not :g)
+            return str(None if self.pos_weight is None else float(self.pos_weight))
+        return super()._repr_field(name)
 
 
-class SigmoidFocalLoss(nn.Module):
+class SigmoidFocalLoss(SegmentationLoss):
     """Sigmoid focal loss with ``torchvision.ops.sigmoid_focal_loss`` semantics per pixel.
 
     Formula: ``p = s(x)``, ``p_t = p y + (1 - p)(1 - y)``, ``l_i = a_t (1 - p_t)^gamma bce_i`` with
@@ -61,23 +61,26 @@ class SigmoidFocalLoss(nn.Module):
     ``1 - p_t <= 1e-12``. No smoothing. A batch without foreground is the background term alone.
     """
 
+    binary = True
+    takes_class_weights = True
+    repr_fields = ("alpha", "gamma", "ignore_index")
+
     def __init__(self, alpha: float | None = 0.25, gamma: float = 2.0, weight=None, ignore_index: int = 255):
-        super().__init__()
-        name = type(self).__name__
-        self.alpha = None if alpha is None else LF.check_number(name, "alpha", alpha, low=0.0, high=1.0)
-        self.gamma = LF.check_number(name, "gamma", gamma, low=0.0)
-        self.ignore_index = LF.check_ignore_index(name, ignore_index)
-        self.register_buffer("weight", _binary_weight(name, weight), persistent=False)
+        super().__init__(ignore_index=ignore_index, weight=weight)
+        self.alpha = None if alpha is None else check_number(self.owner, "alpha", alpha, low=0.0, high=1.0)
+        self.gamma = check_number(self.owner, "gamma", gamma, low=0.0)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        LF.check_inputs(type(self).__name__, logits, target, binary=True, weight=self.weight)
-        return LF.sigmoid_focal_loss(logits, target, self.alpha, self.gamma, self.weight, self.ignore_index)
+        self.check_inputs(logits, target)
+        return sigmoid_focal_loss(logits, target, self.alpha, self.gamma, self.weight, self.ignore_index)
 
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, gamma={self.gamma:g}, ignore_index={self.ignore_index}"
+    def _repr_field(self, name: str) -> str:
+        if name == "alpha":  # as given (str, not :g); None when disabled
+            return str(self.alpha)
+        return super()._repr_field(name)
 
 
-class BinaryDiceLoss(nn.Module):
+class BinaryDiceLoss(SegmentationLoss):
     """Soft Dice loss of the foreground over the whole batch.
 
     Formula: ``p_i = s(x_i)``, per-pixel weight ``v_i = w[y_i]`` (1 without ``weight``, 0 at ignored pixels),
@@ -89,16 +92,14 @@ class BinaryDiceLoss(nn.Module):
     ``smooth`` ``s >= 0``; ``P + G + s = 0`` (all ignored with ``s = 0``) scores Dice 1, loss 0.
     """
 
+    binary = True
+    takes_class_weights = True
+    repr_fields = ("ignore_index", "smooth")
+
     def __init__(self, weight=None, ignore_index: int = 255, smooth: float = 1.0):
-        super().__init__()
-        name = type(self).__name__
-        self.ignore_index = LF.check_ignore_index(name, ignore_index)
-        self.smooth = LF.check_number(name, "smooth", smooth, low=0.0)
-        self.register_buffer("weight", _binary_weight(name, weight), persistent=False)
+        super().__init__(ignore_index=ignore_index, weight=weight)
+        self.smooth = check_number(self.owner, "smooth", smooth, low=0.0)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        LF.check_inputs(type(self).__name__, logits, target, binary=True, weight=self.weight)
-        return LF.binary_dice_loss(logits, target, self.weight, self.ignore_index, self.smooth)
-
-    def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, smooth={self.smooth:g}"
+        self.check_inputs(logits, target)
+        return binary_dice_loss(logits, target, self.weight, self.ignore_index, self.smooth)

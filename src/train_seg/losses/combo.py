@@ -24,7 +24,13 @@ class WeightedSum(nn.Module):
     After every forward, ``last_terms`` holds the *unweighted* value of each term, detached (no host sync: the
     trainer logs them as ``train/loss/<name>``). Each term applies its own reduction, ``ignore_index`` and
     class weights; this module adds nothing else.
+
+    What it is, its terms decide: ``binary`` (an instance property) is True when every term is a binary loss
+    (a term without a ``binary`` attribute counts as multi-class; a mix of both runs on no head). It takes no
+    ``weight`` itself (``takes_class_weights = False``): the builder gives the class weights to each term.
     """
+
+    takes_class_weights = False
 
     def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None):
         super().__init__()
@@ -51,6 +57,11 @@ class WeightedSum(nn.Module):
                 raise ValueError(f"{name}: weight of term {key!r} must be a finite number, got {value!r}")
             self.weights[key] = float(value)
         self.last_terms: dict[str, Tensor] = {}
+
+    @property
+    def binary(self) -> bool:
+        """True when every term is a binary (one-channel) loss, i.e. the sum is for a one-channel head."""
+        return all(getattr(term, "binary", False) is True for term in self.terms.values())
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         values = {key: term(logits, target) for key, term in self.terms.items()}

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import _functional as LF
+from ._checks import check_number
+from ._pixel import cross_entropy
+from .base import SegmentationLoss
 
 __all__ = ["CrossEntropyLoss"]
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(SegmentationLoss):
     """Softmax cross-entropy, the weighted mean over non-ignored pixels.
 
     Formula: ``L = sum_i w[y_i] (-log p_{i,y_i}) / sum_i w[y_i]``, ``p = softmax(logits)`` over the class
@@ -28,16 +30,14 @@ class CrossEntropyLoss(nn.Module):
     Shapes: logits ``(N, C, H, W)``, target ``(N, H, W)`` integer; returns a scalar.
     """
 
+    binary = False
+    takes_class_weights = True
+    repr_fields = ("ignore_index", "label_smoothing")
+
     def __init__(self, weight=None, ignore_index: int = 255, label_smoothing: float = 0.0):
-        super().__init__()
-        name = type(self).__name__
-        self.ignore_index = LF.check_ignore_index(name, ignore_index)
-        self.label_smoothing = LF.check_number(name, "label_smoothing", label_smoothing, low=0.0, high=1.0)
-        self.register_buffer("weight", LF.as_class_vector(name, "weight", weight), persistent=False)
+        super().__init__(ignore_index=ignore_index, weight=weight)
+        self.label_smoothing = check_number(self.owner, "label_smoothing", label_smoothing, low=0.0, high=1.0)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        LF.check_inputs(type(self).__name__, logits, target, weight=self.weight)
-        return LF.cross_entropy(logits, target, self.weight, self.ignore_index, self.label_smoothing)
-
-    def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing:g}"
+        self.check_inputs(logits, target)
+        return cross_entropy(logits, target, self.weight, self.ignore_index, self.label_smoothing)

@@ -1,20 +1,22 @@
 """Region losses over the whole batch: soft Dice, generalized Dice (Sudre et al. 2017), (focal) Tversky.
 
 All three are formulas on the per-class statistics ``I_c`` (soft true positives), ``P_c`` (sum of predicted
-probabilities) and ``G_c`` (target pixel count) of :func:`train_seg.losses._functional.soft_class_stats`,
+probabilities) and ``G_c`` (target pixel count) of :func:`train_seg.losses._region.soft_class_stats`,
 computed in float32 with autocast disabled, over the non-ignored pixels of the whole batch (not per image).
 """
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import _functional as LF
+from ._checks import check_choice, check_number
+from ._region import ABSENT_MODES, GDL_WEIGHT_TYPES, dice_loss, generalized_dice_loss, tversky_loss
+from .base import SegmentationLoss
 
 __all__ = ["DiceLoss", "GeneralizedDiceLoss", "TverskyLoss"]
 
 
-class DiceLoss(nn.Module):
+class DiceLoss(SegmentationLoss):
     """Soft multi-class Dice loss, per class over the whole batch, class-weighted mean.
 
     Formula: ``p = softmax(logits)``; per class ``Dice_c = (2 I_c + s) / (P_c + G_c + s)`` with
@@ -37,26 +39,23 @@ class DiceLoss(nn.Module):
     integer; returns a scalar.
     """
 
+    binary = False
+    takes_class_weights = True
+    repr_fields = ("ignore_index", "smooth", "absent", "log_loss")
+
     def __init__(self, weight=None, ignore_index: int = 255, smooth: float = 1.0, absent: str = "include",
                  log_loss: bool = False):
-        super().__init__()
-        name = type(self).__name__
-        self.ignore_index = LF.check_ignore_index(name, ignore_index)
-        self.smooth = LF.check_number(name, "smooth", smooth, low=0.0)
-        self.absent = LF.check_choice(name, "absent", absent, LF.ABSENT_MODES)
-        self.log_loss = LF.check_choice(name, "log_loss", log_loss, (False, True))
-        self.register_buffer("weight", LF.as_class_vector(name, "weight", weight), persistent=False)
+        super().__init__(ignore_index=ignore_index, weight=weight)
+        self.smooth = check_number(self.owner, "smooth", smooth, low=0.0)
+        self.absent = check_choice(self.owner, "absent", absent, ABSENT_MODES)
+        self.log_loss = check_choice(self.owner, "log_loss", log_loss, (False, True))
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        LF.check_inputs(type(self).__name__, logits, target, weight=self.weight)
-        return LF.dice_loss(logits, target, self.weight, self.ignore_index, self.smooth, self.absent, self.log_loss)
-
-    def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, smooth={self.smooth:g}, absent={self.absent!r}, "
-                f"log_loss={self.log_loss}")
+        self.check_inputs(logits, target)
+        return dice_loss(logits, target, self.weight, self.ignore_index, self.smooth, self.absent, self.log_loss)
 
 
-class GeneralizedDiceLoss(nn.Module):
+class GeneralizedDiceLoss(SegmentationLoss):
     """Generalized Dice loss (Sudre et al. 2017), over the whole batch.
 
     Formula: ``L = 1 - (2 sum_c r_c I_c + s) / (sum_c r_c (P_c + G_c) + s)`` with ``I, P, G`` as in
@@ -80,26 +79,23 @@ class GeneralizedDiceLoss(nn.Module):
         absent: ``"include"`` or ``"mask"``, see above.
     """
 
+    binary = False
+    takes_class_weights = False  # the weight_type rule is its class weighting
+    repr_fields = ("ignore_index", "smooth", "weight_type", "absent")
+
     def __init__(self, ignore_index: int = 255, smooth: float = 1.0, weight_type: str = "square",
                  absent: str = "include"):
-        super().__init__()
-        name = type(self).__name__
-        self.ignore_index = LF.check_ignore_index(name, ignore_index)
-        self.smooth = LF.check_number(name, "smooth", smooth, low=0.0)
-        self.weight_type = LF.check_choice(name, "weight_type", weight_type, LF.GDL_WEIGHT_TYPES)
-        self.absent = LF.check_choice(name, "absent", absent, LF.ABSENT_MODES)
+        super().__init__(ignore_index=ignore_index)
+        self.smooth = check_number(self.owner, "smooth", smooth, low=0.0)
+        self.weight_type = check_choice(self.owner, "weight_type", weight_type, GDL_WEIGHT_TYPES)
+        self.absent = check_choice(self.owner, "absent", absent, ABSENT_MODES)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        LF.check_inputs(type(self).__name__, logits, target)
-        return LF.generalized_dice_loss(logits, target, self.ignore_index, self.smooth, self.weight_type,
-                                        self.absent)
-
-    def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, smooth={self.smooth:g}, weight_type={self.weight_type!r}, "
-                f"absent={self.absent!r}")
+        self.check_inputs(logits, target)
+        return generalized_dice_loss(logits, target, self.ignore_index, self.smooth, self.weight_type, self.absent)
 
 
-class TverskyLoss(nn.Module):
+class TverskyLoss(SegmentationLoss):
     """Tversky loss (Salehi et al. 2017) and focal Tversky loss, per class over the whole batch.
 
     Formula: ``TI_c = (I_c + s) / (I_c + alpha FP_c + beta FN_c + s)`` with ``FP_c = P_c - I_c`` (soft false
@@ -118,25 +114,23 @@ class TverskyLoss(nn.Module):
       all-ignored batch gives 0 with a gradient graph.
     """
 
+    binary = False
+    takes_class_weights = True
+    repr_fields = ("alpha", "beta", "gamma", "ignore_index", "smooth", "absent")
+
     def __init__(self, alpha: float = 0.5, beta: float = 0.5, gamma: float = 1.0, weight=None,
                  ignore_index: int = 255, smooth: float = 1.0, absent: str = "include"):
-        super().__init__()
-        name = type(self).__name__
-        self.alpha = LF.check_number(name, "alpha", alpha, low=0.0)
-        self.beta = LF.check_number(name, "beta", beta, low=0.0)
+        super().__init__(ignore_index=ignore_index, weight=weight)
+        name = self.owner
+        self.alpha = check_number(name, "alpha", alpha, low=0.0)
+        self.beta = check_number(name, "beta", beta, low=0.0)
         if self.alpha + self.beta == 0:
             raise ValueError(f"{name}: alpha + beta must be > 0, got alpha={alpha}, beta={beta}")
-        self.gamma = LF.check_number(name, "gamma", gamma, low=0.0, low_open=True)
-        self.ignore_index = LF.check_ignore_index(name, ignore_index)
-        self.smooth = LF.check_number(name, "smooth", smooth, low=0.0)
-        self.absent = LF.check_choice(name, "absent", absent, LF.ABSENT_MODES)
-        self.register_buffer("weight", LF.as_class_vector(name, "weight", weight), persistent=False)
+        self.gamma = check_number(name, "gamma", gamma, low=0.0, low_open=True)
+        self.smooth = check_number(name, "smooth", smooth, low=0.0)
+        self.absent = check_choice(name, "absent", absent, ABSENT_MODES)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        LF.check_inputs(type(self).__name__, logits, target, weight=self.weight)
-        return LF.tversky_loss(logits, target, self.alpha, self.beta, self.gamma, self.weight, self.ignore_index,
-                               self.smooth, self.absent)
-
-    def extra_repr(self) -> str:
-        return (f"alpha={self.alpha:g}, beta={self.beta:g}, gamma={self.gamma:g}, ignore_index={self.ignore_index}, "
-                f"smooth={self.smooth:g}, absent={self.absent!r}")
+        self.check_inputs(logits, target)
+        return tversky_loss(logits, target, self.alpha, self.beta, self.gamma, self.weight, self.ignore_index,
+                            self.smooth, self.absent)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import numbers
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import _functional as LF
+from ._checks import as_class_vector, check_number
+from ._pixel import focal_loss
+from .base import SegmentationLoss
 
 __all__ = ["FocalLoss"]
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(SegmentationLoss):
     """Softmax focal loss, reduced like weighted cross-entropy.
 
     Formula (Lin et al. 2017, softmax form): per non-ignored pixel ``i`` with label ``y``,
@@ -34,25 +36,27 @@ class FocalLoss(nn.Module):
     Shapes: logits ``(N, C, H, W)``, target ``(N, H, W)`` integer; returns a scalar.
     """
 
+    binary = False
+    takes_class_weights = True
+    repr_fields = ("gamma", "alpha", "ignore_index")
+
     def __init__(self, gamma: float = 2.0, alpha=None, weight=None, ignore_index: int = 255):
-        super().__init__()
-        name = type(self).__name__
-        self.gamma = LF.check_number(name, "gamma", gamma, low=0.0)
-        self.ignore_index = LF.check_ignore_index(name, ignore_index)
-        self.register_buffer("weight", LF.as_class_vector(name, "weight", weight), persistent=False)
+        super().__init__(ignore_index=ignore_index, weight=weight)
+        self.gamma = check_number(self.owner, "gamma", gamma, low=0.0)
         self.alpha = None  # scalar alpha (float) or None; a per-class alpha lives in the buffer alpha_vector
         vector = None
         if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
-            self.alpha = LF.check_number(name, "alpha", alpha, low=0.0, high=1.0)
+            self.alpha = check_number(self.owner, "alpha", alpha, low=0.0, high=1.0)
         elif alpha is not None:
-            vector = LF.as_class_vector(name, "alpha", alpha)
+            vector = as_class_vector(self.owner, "alpha", alpha)
         self.register_buffer("alpha_vector", vector, persistent=False)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        LF.check_inputs(type(self).__name__, logits, target, weight=self.weight, alpha=self.alpha_vector)
+        self.check_inputs(logits, target, alpha=self.alpha_vector)
         alpha = self.alpha_vector if self.alpha_vector is not None else self.alpha
-        return LF.focal_loss(logits, target, self.gamma, alpha, self.weight, self.ignore_index)
+        return focal_loss(logits, target, self.gamma, alpha, self.weight, self.ignore_index)
 
-    def extra_repr(self) -> str:
-        alpha = self.alpha if self.alpha_vector is None else self.alpha_vector.tolist()
-        return f"gamma={self.gamma:g}, alpha={alpha}, ignore_index={self.ignore_index}"
+    def _repr_field(self, name: str) -> str:
+        if name == "alpha":  # the scalar as given (str, not :g), or the per-class list
+            return str(self.alpha if self.alpha_vector is None else self.alpha_vector.tolist())
+        return super()._repr_field(name)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import numbers
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import _functional as LF
+from ._checks import check_choice
+from ._lovasz import lovasz_softmax
+from .base import SegmentationLoss
 
 __all__ = ["LovaszSoftmaxLoss"]
 
 
-class LovaszSoftmaxLoss(nn.Module):
+class LovaszSoftmaxLoss(SegmentationLoss):
     """Lovasz-softmax: a convex surrogate of the per-class Jaccard (IoU) loss, over the whole batch.
 
     Formula (Berman's ``lovasz_softmax_flat``, ``per_image=False``): ``p = softmax(logits)``; for class ``c``
@@ -30,12 +32,15 @@ class LovaszSoftmaxLoss(nn.Module):
     float32 order of the errors, with background pixels that cannot contribute dropped before the sort.
     """
 
+    binary = False
+    takes_class_weights = False  # a plain mean over the selected classes
+    repr_fields = ("ignore_index", "classes")
+
     def __init__(self, ignore_index: int = 255, classes="present"):
-        super().__init__()
-        name = type(self).__name__
-        self.ignore_index = LF.check_ignore_index(name, ignore_index)
+        super().__init__(ignore_index=ignore_index)
+        name = self.owner
         if isinstance(classes, str):
-            classes = LF.check_choice(name, "classes", classes, ("present", "all"))
+            classes = check_choice(name, "classes", classes, ("present", "all"))
         else:
             try:
                 indices = list(classes)
@@ -49,12 +54,8 @@ class LovaszSoftmaxLoss(nn.Module):
         self.classes = classes
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        name = type(self).__name__
-        LF.check_inputs(name, logits, target)
+        self.check_inputs(logits, target)
         if isinstance(self.classes, tuple) and max(self.classes) >= logits.shape[1]:
-            raise ValueError(f"{name}: classes {list(self.classes)} out of range for logits "
+            raise ValueError(f"{self.owner}: classes {list(self.classes)} out of range for logits "
                              f"{tuple(logits.shape)} with C={logits.shape[1]}")
-        return LF.lovasz_softmax(logits, target, self.ignore_index, self.classes)
-
-    def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, classes={self.classes!r}"
+        return lovasz_softmax(logits, target, self.ignore_index, self.classes)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import numbers
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import _functional as LF
+from ._checks import check_number
+from ._pixel import ohem_cross_entropy
+from .base import SegmentationLoss
 
 __all__ = ["OhemCrossEntropyLoss"]
 
 
-class OhemCrossEntropyLoss(nn.Module):
+class OhemCrossEntropyLoss(SegmentationLoss):
     """Weighted cross-entropy over the hard pixels of the batch.
 
     Selection (no gradient): with ``p_i`` the softmax probability of pixel ``i``'s true class, a non-ignored
@@ -32,19 +34,17 @@ class OhemCrossEntropyLoss(nn.Module):
     Classes absent from the target only enter through the softmax. No smoothing. float32, autocast disabled.
     """
 
+    binary = False
+    takes_class_weights = True
+    repr_fields = ("thresh", "min_kept", "ignore_index")
+
     def __init__(self, thresh: float = 0.7, min_kept: int = 100_000, weight=None, ignore_index: int = 255):
-        super().__init__()
-        name = type(self).__name__
-        self.thresh = LF.check_number(name, "thresh", thresh, low=0.0, high=1.0, low_open=True)
+        super().__init__(ignore_index=ignore_index, weight=weight)
+        self.thresh = check_number(self.owner, "thresh", thresh, low=0.0, high=1.0, low_open=True)
         if isinstance(min_kept, bool) or not isinstance(min_kept, numbers.Integral) or min_kept < 0:
-            raise ValueError(f"{name}: min_kept must be an int >= 0, got {min_kept!r}")
+            raise ValueError(f"{self.owner}: min_kept must be an int >= 0, got {min_kept!r}")
         self.min_kept = int(min_kept)
-        self.ignore_index = LF.check_ignore_index(name, ignore_index)
-        self.register_buffer("weight", LF.as_class_vector(name, "weight", weight), persistent=False)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        LF.check_inputs(type(self).__name__, logits, target, weight=self.weight)
-        return LF.ohem_cross_entropy(logits, target, self.thresh, self.min_kept, self.weight, self.ignore_index)
-
-    def extra_repr(self) -> str:
-        return f"thresh={self.thresh:g}, min_kept={self.min_kept}, ignore_index={self.ignore_index}"
+        self.check_inputs(logits, target)
+        return ohem_cross_entropy(logits, target, self.thresh, self.min_kept, self.weight, self.ignore_index)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from train_seg.atomic import atomic_write
 from train_seg.data.base import DatasetError, SegmentationSource
 
 __all__ = ["ClassStats", "compute_class_stats", "cache_path", "CACHE_FORMAT_VERSION"]
@@ -235,30 +235,15 @@ def _read_cache(path: Path, source: SegmentationSource) -> ClassStats | None:
 
 
 def _write_cache(path: Path, stats: ClassStats, identity: str, ignore_index: int) -> None:
-    """Atomic write (temp file in the same directory + os.replace). A failure is a warning: the statistics are
-    still valid, only the next run recomputes them. Identity and ignore_index are stored for humans only."""
+    """Atomic write (``train_seg.atomic``). A failure is a warning: the statistics are still valid, only the next
+    run recomputes them. Identity and ignore_index are stored for humans only."""
     data = {"format_version": CACHE_FORMAT_VERSION, "identity": identity, "ignore_index": ignore_index,
             **stats.to_dict()}
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=path.name + ".",
-                                         suffix=".tmp", delete=False) as f:
-            tmp_name = f.name
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
+        atomic_write(path, lambda handle: json.dump(data, handle, separators=(",", ":")))
         log.info("class statistics: cached to %s", path)
     except OSError as err:
         log.warning("class statistics: could not write cache %s (%s)", path, err)
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
 
 
 def compute_class_stats(

@@ -1,133 +1,26 @@
-"""Where results go: the console (per-class table), TensorBoard event files and ``metrics.json`` in the run dir.
+"""TensorBoard: everything a run shows in TensorBoard is written by ``TensorBoardSink``, into the run directory.
 
-TensorBoard tags (class NAMES, not indices): ``train/loss``, ``train/loss/<term>``, ``train/lr``, ``val/mIoU``,
+Tags (class NAMES, not indices): ``train/loss``, ``train/loss/<term>``, ``train/lr``, ``val/mIoU``,
 ``val/rare_mIoU``, ``val/pixel_acc``, ``val/mean_acc``, ``val/fwIoU``, ``val/IoU/<class>``,
 ``val/precision/<class>``, ``val/recall/<class>``, ``val/dice/<class>``, ``best/<optimized_metric>`` and
 ``best/epoch`` (the best checkpoint so far). An absent class (NaN metric) is not written, so its curve shows a gap
 instead of a fake 0.
 
-Beyond scalars, ``TensorBoardLogger`` writes (see its methods): a custom-scalars layout (CUSTOM SCALARS tab: all
-per-class IoU / recall / precision curves of a run on one chart each, and the rare classes on their own chart),
-hparams (HPARAMS tab), the row-normalised confusion matrix ``val/confusion`` and the prediction overlays
+Beyond scalars: a custom-scalars layout (CUSTOM SCALARS tab: all per-class IoU / recall / precision curves of a run
+on one chart each, and the rare classes on their own chart), hparams (HPARAMS tab), the class-weight table and the
+config (TEXT tab), the row-normalised confusion matrix ``val/confusion`` and the prediction overlays
 ``val/overlays`` (IMAGES tab) at every evaluation.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-PER_CLASS_KEYS = ("iou", "precision", "recall", "dice")
-TAG_NAMES = {"iou": "IoU", "precision": "precision", "recall": "recall", "dice": "dice"}
-SCALAR_KEYS = ("mIoU", "rare_mIoU", "pixel_acc", "mean_acc", "fwIoU")
-
-
-def eval_scalars(metrics: dict, class_names: Sequence[str]) -> dict[str, float]:
-    """Flattens ``metrics_from_confusion`` output into ``{"val/mIoU": ..., "val/IoU/<class>": ...}``."""
-    out = {f"val/{key}": float(metrics[key]) for key in SCALAR_KEYS if key in metrics}
-    for key in PER_CLASS_KEYS:
-        for name, value in zip(class_names, metrics[key].tolist()):
-            out[f"val/{TAG_NAMES[key]}/{name}"] = float(value)
-    return out
-
-
-def per_class_records(metrics: dict, class_names: Sequence[str], pixel_share: Sequence[float]) -> dict[str, dict]:
-    """``{class: {pixel_share, iou, precision, recall, dice, support}}`` with NaN turned into None (JSON null)."""
-    records = {}
-    for index, name in enumerate(class_names):
-        record = {"pixel_share": float(pixel_share[index])}
-        for key in PER_CLASS_KEYS:
-            record[key] = _json_float(metrics[key][index].item())
-        record["support"] = int(metrics["support"][index])
-        records[name] = record
-    return records
-
-
-def format_class_table(metrics: dict, class_names: Sequence[str], pixel_share: Sequence[float], rare=None) -> str:
-    """Per-class console table: class, pixel share in the training split, IoU, precision, recall.
-    A NaN shows as ``absent`` (IoU: neither present nor predicted; recall: not in the target) or ``no pred``
-    (precision of a class that was never predicted), never as a fake 0 or 1."""
-    width = max(12, *(len(n) for n in class_names))
-    header = f"{'class':<{width}}  {'share %':>8}  {'IoU':>7}  {'prec':>7}  {'recall':>7}"
-    lines = [header, "-" * len(header)]
-
-    def cell(value: float, nan_text: str = "absent") -> str:
-        return f"{nan_text:>7}" if math.isnan(value) else f"{value:7.4f}"
-
-    for index, name in enumerate(class_names):
-        tag = " (rare)" if rare is not None and bool(rare[index]) else ""
-        lines.append(
-            f"{name:<{width}}  {100 * pixel_share[index]:8.3f}  {cell(metrics['iou'][index].item())}  "
-            f"{cell(metrics['precision'][index].item(), 'no pred')}  {cell(metrics['recall'][index].item())}{tag}"
-        )
-    lines.append("-" * len(header))
-    summary = f"mIoU {_fmt(metrics['mIoU'])}  pixel acc {_fmt(metrics['pixel_acc'])}  mean acc {_fmt(metrics['mean_acc'])}"
-    if "rare_mIoU" in metrics:
-        summary += f"  rare mIoU {_fmt(metrics['rare_mIoU'])}"
-    lines.append(summary)
-    return "\n".join(lines)
-
-
-def _fmt(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
-
-
-def _json_float(value) -> float | None:
-    value = float(value)
-    return None if math.isnan(value) or math.isinf(value) else value
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
-
-
-def describe_error(error: BaseException | str) -> str:
-    """One line for metrics.json and the sweep summary: ``<ExceptionType>: <message>``."""
-    if isinstance(error, BaseException):
-        message = str(error).strip()
-        return f"{type(error).__name__}: {message}" if message else type(error).__name__
-    return str(error)
-
-
-def mark_failed(run_dir: str | Path, error: BaseException | str, status: str = "failed") -> dict:
-    """Records a failure in ``run_dir/metrics.json``: ``status`` becomes ``status`` (``failed``) and ``error``
-    describes it.
-    Everything already recorded (the last completed evaluation in ``final``, ``best``, ``history``) is kept; a run
-    that failed before writing metrics.json gets a minimal file. An existing error message is not overwritten (the
-    first, innermost description wins). Returns the payload written."""
-    path = Path(run_dir) / "metrics.json"
-    payload: dict = {}
-    if path.is_file():
-        try:
-            payload = json.loads(path.read_text())
-        except (OSError, ValueError):
-            payload = {}
-    if not payload:
-        payload = {"status": status, "final": None, "best": None, "history": []}
-    payload["status"] = status
-    payload["error"] = payload.get("error") or describe_error(error)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, payload)
-    return payload
-
+from train_seg.events import TAG_NAMES, EpochEnd, EvalResult, Sink, TrainLog
 
 # -- hparams ---------------------------------------------------------------------------------------------------
 _MISSING = object()
@@ -256,3 +149,80 @@ class TensorBoardLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class TensorBoardSink(Sink):
+    """Writes the run's TensorBoard events (module docstring) into the run directory.
+
+    Args (``logger.tensorboard`` in the config, where every default lives):
+      flush_secs: how often the event file is flushed to disk.
+      confusion_image: draw the row-normalised confusion matrix at every evaluation.
+      num_overlays: this many fixed validation images drawn as image | ground truth | prediction at every
+        evaluation (at least half contain the rarest class present in the val split); 0 = off.
+      hparams: config keys logged as hyperparameters in the HPARAMS tab.
+    """
+
+    def __init__(self, flush_secs: int, confusion_image: bool, num_overlays: int, hparams: Sequence[str]):
+        self.flush_secs = int(flush_secs)
+        self.confusion_image = bool(confusion_image)
+        self.num_overlays = int(num_overlays)
+        self.hparams = list(hparams)
+        self.tb: TensorBoardLogger | None = None
+        self.overlays = None
+        self.run = None
+
+    def on_train_start(self, run) -> None:
+        import yaml
+
+        from train_seg.visualize import OverlaySet, select_overlay_indices
+        from train_seg.weighting import format_weight_table
+
+        self.run = run
+        self.tb = TensorBoardLogger(run.run_dir, flush_secs=self.flush_secs)
+        step = run.global_step
+        self.tb.log_text("class_weights", format_weight_table(run.class_names, run.stats, run.weights), step)
+        self.tb.log_text("config", yaml.safe_dump(run.config, sort_keys=False), step)
+        self.tb.log_layout(run.class_names, run.rare_names)
+        self.tb.log_hparams(hparams_from_config(run.config, self.hparams),
+                            hparam_metric_tags(run.class_names, run.config["optimized_metric"]))
+        if self.num_overlays > 0:
+            picks = select_overlay_indices(run.val_stats.presence, run.pixel_share, self.num_overlays)
+            self.overlays = OverlaySet(run.val_set, picks, run.class_names, run.palette,
+                                       run.val_set.source.ignore_index)
+
+    def on_train_log(self, log: TrainLog) -> None:
+        self.tb.log_scalars(log.scalars, log.step)
+
+    def on_eval(self, result: EvalResult) -> None:
+        from train_seg.visualize import confusion_figure
+
+        self.tb.log_scalars(result.scalars, result.step)
+        if self.confusion_image:
+            figure = confusion_figure(result.confusion, result.class_names, f"epoch {result.epoch}")
+            self.tb.log_figure("val/confusion", figure, result.step)
+        if self.overlays is not None:
+            figure = self.overlays.figure(self._overlay_predictions(), f"epoch {result.epoch}")
+            self.tb.log_figure("val/overlays", figure, result.step)
+
+    def _overlay_predictions(self) -> list:
+        from train_seg.engine import predict_batch
+        from train_seg.metrics import predictions
+
+        model, settings = self.run.model, self.run.settings
+        model.eval()
+        with torch.inference_mode():  # val images may differ in size: one at a time
+            return [predictions(predict_batch(model, image.unsqueeze(0), settings.device, settings.amp_dtype,
+                                              settings.channels_last))[0].cpu().numpy()
+                    for image, _ in self.overlays.items]
+
+    def on_epoch_end(self, end: EpochEnd) -> None:
+        if end.evaluation is not None:
+            self.tb.log_best(end.best, end.step)
+        self.tb.flush()
+
+    def on_train_end(self, run) -> None:
+        self.tb.close()
+
+    def on_failure(self, error: BaseException) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,65 @@
+"""The console (and Hydra's job log ``train_seg.log``): the class-weight table at the start, one line per epoch,
+and the per-class table after every evaluation."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+from train_seg.events import EpochEnd, Sink
+from train_seg.weighting import format_weight_table
+
+log = logging.getLogger("train_seg")
+
+
+def format_class_table(metrics: dict, class_names: Sequence[str], pixel_share: Sequence[float], rare=None) -> str:
+    """Per-class console table: class, pixel share in the training split, IoU, precision, recall.
+    A NaN shows as ``absent`` (IoU: neither present nor predicted; recall: not in the target) or ``no pred``
+    (precision of a class that was never predicted), never as a fake 0 or 1."""
+    width = max(12, *(len(n) for n in class_names))
+    header = f"{'class':<{width}}  {'share %':>8}  {'IoU':>7}  {'prec':>7}  {'recall':>7}"
+    lines = [header, "-" * len(header)]
+
+    def cell(value: float, nan_text: str = "absent") -> str:
+        return f"{nan_text:>7}" if math.isnan(value) else f"{value:7.4f}"
+
+    for index, name in enumerate(class_names):
+        tag = " (rare)" if rare is not None and bool(rare[index]) else ""
+        lines.append(
+            f"{name:<{width}}  {100 * pixel_share[index]:8.3f}  {cell(metrics['iou'][index].item())}  "
+            f"{cell(metrics['precision'][index].item(), 'no pred')}  {cell(metrics['recall'][index].item())}{tag}"
+        )
+    lines.append("-" * len(header))
+    summary = f"mIoU {_fmt(metrics['mIoU'])}  pixel acc {_fmt(metrics['pixel_acc'])}  mean acc {_fmt(metrics['mean_acc'])}"
+    if "rare_mIoU" in metrics:
+        summary += f"  rare mIoU {_fmt(metrics['rare_mIoU'])}"
+    lines.append(summary)
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def precision_name(amp_dtype) -> str:
+    return "fp32" if amp_dtype is None else str(amp_dtype).replace("torch.", "")
+
+
+class ConsoleSink(Sink):
+    def on_train_start(self, run) -> None:
+        config = run.config
+        table = format_weight_table(run.class_names, run.stats, run.weights)
+        log.info("class weights (weighting=%s):\n%s", config["weighting"]["scheme"], table)
+        trainer = config["trainer"]
+        log.info("training %s on %s (%s) for %d epochs / %d steps, %d train and %d val images",
+                 config["model"]["arch"], run.settings.device, precision_name(run.settings.amp_dtype),
+                 int(trainer["max_epochs"]), run.total_steps, len(run.train_set), len(run.val_set))
+        self.rare = run.rare
+
+    def on_epoch_end(self, end: EpochEnd) -> None:
+        if end.evaluation is None:
+            log.info("epoch %d, step %d, train loss %.4f", end.epoch, end.step, end.train_loss)
+            return
+        result = end.evaluation
+        table = format_class_table(result.metrics, result.class_names, result.pixel_share, rare=result.rare)
+        log.info("epoch %d, step %d, train loss %.4f\n%s", end.epoch, end.step, end.train_loss, table)
