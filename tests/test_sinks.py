@@ -71,6 +71,7 @@ def test_a_sink_from_config_sees_every_event_in_order(make_cfg, tmp_path):
     for row in evals:  # the sink saw the same numbers the run record holds
         assert float(row["value"]) == pytest.approx(history[int(row["epoch"])]["val/mIoU"], abs=1e-12)
     assert payload["final"]["epoch"] == 3
+    assert (tmp_path / "run" / "per_class.png").stat().st_size > 10_000  # the end-of-run picture of imbalance
 
 
 def test_tensorboard_off_writes_no_event_file(make_cfg, tmp_path):
@@ -192,3 +193,22 @@ def test_the_record_is_written_in_one_module():
     writers = sorted(str(path.relative_to(SRC)) for path in SRC.rglob("*.py")
                      if '"metrics.json"' in path.read_text() and path.name != "record.py")
     assert writers == [] or all(name == "summary.py" for name in writers), writers
+
+
+def test_the_console_says_when_a_rare_class_is_starved():
+    import torch
+
+    from train_seg.metrics import metrics_from_confusion
+    from train_seg.sinks.console import starved_note
+
+    names, share, rare = ["background", "car"], [0.995, 0.005], torch.tensor([False, True])
+    never = metrics_from_confusion(torch.tensor([[990, 0], [10, 0]]))
+    assert "car (0.50% of training pixels) is starved: IoU 0.000, never predicted" in starved_note(never, names, share, rare)
+    alarms = metrics_from_confusion(torch.tensor([[800, 190], [1, 9]]))  # recall 0.9, precision 9/199
+    note = starved_note(alarms, names, share, rare)
+    assert "IoU 0.045" in note and "false alarms (recall 0.90, precision 0.05)" in note
+    missed = metrics_from_confusion(torch.tensor([[990, 0], [29, 1]]))  # recall 1/30, precision 1
+    assert "IoU 0.033, mostly missed (recall 0.03)" in starved_note(missed, names, share, rare)
+    fine = metrics_from_confusion(torch.tensor([[985, 5], [2, 8]]))
+    assert starved_note(fine, names, share, rare) == ""
+    assert starved_note(never, names, share, torch.tensor([False, False])) == ""  # only rare classes

@@ -332,3 +332,56 @@ def test_sweep_callback_reads_summary_baseline_and_checks_seeds(seeded_sweep):
     for bad in (0, -1, "3", 1.5):
         with pytest.raises(ValueError, match=r"seeds=.*must be an integer >= 1"):
             callback.on_multirun_start(config=OmegaConf.create({"seeds": bad}))
+
+
+# ------------------------------------------------------------------------------------------ reading through the record
+def test_read_job_reads_metrics_json_through_the_run_record(tmp_path):
+    from train_seg import record
+    from train_seg.summary import read_job
+
+    sweep = tmp_path / "sweep"
+    job_dir = fake_job(sweep, "0_weighting=none", ["weighting=none"])
+    entry = {"epoch": 3, "step": 30, "val/mIoU": 0.5, "per_class": {"a": {"iou": 0.5, "recall": 0.6, "precision": None},
+                                                                     "b": {"iou": None}}}
+    record.write(job_dir, record.RunRecord(
+        status="completed", optimized_metric="val/rare_mIoU", class_names=["a", "b"],
+        class_stats={"train": {"pixel_share": [0.99, 0.01]}}, rare_share=0.05, final=entry,
+        best={**entry, "epoch": 2, "metric": "val/rare_mIoU", "value": 0.25}, history=[{"epoch": 1}, {"epoch": 3}]))
+    job = read_job(job_dir, sweep)
+    assert (job.name, job.num, job.overrides, job.status, job.error) == ("0_weighting=none", 0, ["weighting=none"],
+                                                                         "completed", None)
+    assert job.has_metrics and job.epochs == 3 and job.best_epoch == 2 and job.best_metric == "val/rare_mIoU"
+    assert job.final_miou == 0.5 and job.best_value == 0.25 and job.rare_share == 0.05
+    assert job.final_iou["a"] == 0.5 and math.isnan(job.final_iou["b"]) and job.final_recall["a"] == 0.6
+    assert math.isnan(job.final_precision["a"]) and job.pixel_share == {"a": 0.99, "b": 0.01}
+
+
+def test_read_job_never_raises_on_a_bad_record(tmp_path):
+    from train_seg import record
+    from train_seg.summary import read_job
+
+    sweep = tmp_path / "sweep"
+    bad = {"0_a=1": "{not json", "1_a=2": "[1, 2]", "2_a=3": json.dumps({"version": record.VERSION + 1}),
+           "3_a=4": json.dumps({"version": "x"})}
+    for name, text in bad.items():
+        (fake_job(sweep, name, [name.split("_", 1)[1]]) / record.FILENAME).write_text(text)
+    jobs = [read_job(d, sweep) for d in find_job_dirs(sweep)]
+    assert [job.status for job in jobs] == ["incomplete"] * 4 and not any(job.has_metrics for job in jobs)
+    assert all(job.error.startswith(f"{record.FILENAME} unreadable: ") for job in jobs)
+    assert "Expecting property name" in jobs[0].error and "not a train_seg run record" in jobs[1].error
+    assert "newer train_seg" in jobs[2].error
+    summary = write_summary(sweep)  # and the whole summary still gets written
+    assert [job.status for job in summary.jobs] == ["incomplete"] * 4 and (sweep / "summary.png").is_file()
+
+
+def test_summary_names_the_record_file_only_through_train_seg_record():
+    import ast
+
+    import train_seg.summary
+
+    tree = ast.parse(Path(train_seg.summary.__file__).read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node)}
+    literals = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and id(node) not in docstrings
+                and isinstance(node.value, str) and "metrics.json" in node.value]
+    assert literals == []

@@ -81,50 +81,26 @@ def imbalance_figure(class_names: Sequence[str], pixel_share: Sequence[float], l
     iou, precision, recall = _array(iou, shape), _array(precision, shape), _array(recall, shape)
     iou_std, precision_std, recall_std = _array(iou_std, shape), _array(precision_std, shape), _array(recall_std, shape)
     share = _array(pixel_share, (num_classes,))
-    if rare is None:
-        rare = [rare_share is not None and math.isfinite(s) and s < rare_share for s in share]
-    rare = [bool(r) for r in rare]
+    rare = _rare_flags(share, rare, rare_share)
     with_means = miou is not None or rare_miou is not None
-
-    bar_width_in = min(16.0, max(4.2, 1.2 + num_classes * max(0.55, 0.17 * num_groups)))
-    widths = [5.6, bar_width_in] + ([0.9 + 0.45 * max(num_groups, 2)] if with_means else [])
-    ncol = max(1, min(num_groups, 3))
-    legend_rows = math.ceil(num_groups / ncol) if legend and num_groups else 0
-    legend_in = 0.25 * legend_rows + (0.2 if legend_rows else 0.0)
-    height = 6.6 + legend_in + (0.3 if title else 0.0)
-    figure = new_figure(sum(widths) + 0.8, height)
-    grid = figure.add_gridspec(2, len(widths), width_ratios=widths, height_ratios=(1, 1))
-    ax_iou = figure.add_subplot(grid[:, 0])
-    ax_recall = figure.add_subplot(grid[0, 1])
-    ax_precision = figure.add_subplot(grid[1, 1])
-    ax_iou.set_gid("iou_vs_share")
-    ax_recall.set_gid("recall")
-    ax_precision.set_gid("precision")
+    ncol, legend_in = _legend_size(num_groups, legend)
+    figure, grid = _imbalance_grid(num_classes, num_groups, with_means, legend_in, title)
+    ax_iou = _panel(figure, grid[:, 0], "iou_vs_share")
+    ax_recall, ax_precision = _panel(figure, grid[0, 1], "recall"), _panel(figure, grid[1, 1], "precision")
     colors = _job_colors(num_groups)
 
-    _draw_iou_vs_share(figure, ax_iou, names, share, rare, rare_share, labels, iou, iou_std, colors)
-    # bars: classes by decreasing share, unknown shares last
-    order = sorted(range(num_classes), key=lambda c: -share[c] if math.isfinite(share[c]) else math.inf)
-    _draw_bars(ax_recall, [names[c] for c in order], [rare[c] for c in order], recall[:, order], recall_std[:, order],
-               colors, "recall", "n/a", "recall = TP / (TP + FN): low = pixels of the class missed")
-    _draw_bars(ax_precision, [names[c] for c in order], [rare[c] for c in order], precision[:, order],
-               precision_std[:, order], colors, "precision", "no pred",
-               "precision = TP / (TP + FP): low = false alarms")
+    _draw_iou_vs_share(figure, ax_iou, names, share, rare, rare_share, iou, iou_std, colors)
+    _draw_recall_precision(ax_recall, ax_precision, names, share, rare, recall, recall_std, precision, precision_std,
+                           colors)
     if with_means:
-        ax_means = figure.add_subplot(grid[:, 2])
-        ax_means.set_gid("means")
-        _draw_means(ax_means, colors, _array(miou, (num_groups,)), _array(miou_std, (num_groups,)),
-                    _array(rare_miou, (num_groups,)), _array(rare_miou_std, (num_groups,)), marks)
-
+        _draw_means(_panel(figure, grid[:, 2], "means"), colors, _array(miou, (num_groups,)),
+                    _array(miou_std, (num_groups,)), _array(rare_miou, (num_groups,)),
+                    _array(rare_miou_std, (num_groups,)), marks)
     if legend and num_groups:
         handles = [line for line in ax_iou.lines if (line.get_gid() or "").startswith("iou:")]
         figure.legend(handles=handles, labels=[str(label) for label in labels], loc="lower center", ncol=ncol,
                       fontsize=FONT, frameon=False, bbox_to_anchor=(0.5, 0.0))
-    if title:
-        figure.suptitle(title, fontsize=FONT + 2)
-    bottom = (legend_in + 0.05) / height if legend_rows else 0.0
-    top = 1.0 - (0.3 / height if title else 0.0)
-    figure.tight_layout(rect=(0, bottom, 1, top))
+    _title_and_layout(figure, title, legend_in)
     return figure
 
 
@@ -152,23 +128,90 @@ def stack_figures(figures: Sequence[Figure]) -> np.ndarray:
     return np.concatenate(padded, axis=0)
 
 
+# -- layout ----------------------------------------------------------------------------------------------------
+def _rare_flags(share: np.ndarray, rare: Sequence[bool] | None, rare_share: float | None) -> list[bool]:
+    """The given flags, else ``share < rare_share`` (never rare without a threshold or a finite share)."""
+    if rare is None:
+        rare = [rare_share is not None and math.isfinite(s) and s < rare_share for s in share]
+    return [bool(r) for r in rare]
+
+
+def _legend_size(num_groups: int, legend: bool) -> tuple[int, float]:
+    """Columns of the figure legend (up to 3) and the height it needs below the panels, in inches (0: none)."""
+    ncol = max(1, min(num_groups, 3))
+    legend_rows = math.ceil(num_groups / ncol) if legend and num_groups else 0
+    return ncol, 0.25 * legend_rows + (0.2 if legend_rows else 0.0)
+
+
+def _imbalance_grid(num_classes: int, num_groups: int, with_means: bool, legend_in: float, title: str | None):
+    """The figure, sized for its classes, configurations, legend and title, and its grid: IoU vs share (left, both
+    rows), recall over precision (middle), the means (right, when drawn)."""
+    bar_width_in = min(16.0, max(4.2, 1.2 + num_classes * max(0.55, 0.17 * num_groups)))
+    widths = [5.6, bar_width_in] + ([0.9 + 0.45 * max(num_groups, 2)] if with_means else [])
+    figure = new_figure(sum(widths) + 0.8, _figure_height(legend_in, title))
+    return figure, figure.add_gridspec(2, len(widths), width_ratios=widths, height_ratios=(1, 1))
+
+
+def _figure_height(legend_in: float, title: str | None) -> float:
+    return 6.6 + legend_in + (0.3 if title else 0.0)
+
+
+def _panel(figure: Figure, spec, gid: str):
+    """A new axis on ``spec``, with ``gid`` naming it (tests find the panels by gid)."""
+    ax = figure.add_subplot(spec)
+    ax.set_gid(gid)
+    return ax
+
+
+def _title_and_layout(figure: Figure, title: str | None, legend_in: float) -> None:
+    """The title on top and ``tight_layout`` in the space the legend (``legend_in`` inches) and title leave."""
+    height = _figure_height(legend_in, title)
+    if title:
+        figure.suptitle(title, fontsize=FONT + 2)
+    bottom = (legend_in + 0.05) / height if legend_in else 0.0
+    top = 1.0 - (0.3 / height if title else 0.0)
+    figure.tight_layout(rect=(0, bottom, 1, top))
+
+
 # -- panels ----------------------------------------------------------------------------------------------------
-def _draw_iou_vs_share(figure, ax, names, share, rare, rare_share, labels, iou, iou_std, colors) -> None:
-    num_groups, num_classes = iou.shape
+def _draw_iou_vs_share(figure, ax, names, share, rare, rare_share, iou, iou_std, colors) -> None:
+    """IoU against training pixel share (log x): the rare band, the floor of the classes without a share, the
+    series, the class names on top."""
     x, clipped, floor = plotted_shares(share)
     ax.set_xscale("log")
     left = floor / 2.5
     ax.set_xlim(left, 1.6)
     ax.set_ylim(-0.03, 1.05)
     if rare_share is not None and rare_share > left:
-        ax.axvspan(left, rare_share, color="tab:red", alpha=0.07, lw=0)
-        ax.axvline(rare_share, color="tab:red", lw=0.8, ls="--", alpha=0.6)
-        ax.text(rare_share, 0.985, f" rare: < {_percent(rare_share)} ", transform=blended_transform_factory(
-            ax.transData, ax.transAxes), ha="right", va="top", fontsize=FONT, color="tab:red")
+        _shade_rare(ax, left, rare_share)
     if clipped.any():
         ax.axvline(floor, color="0.4", lw=0.8, ls=":")
         ax.text(floor, 0.5, "no training pixel", transform=blended_transform_factory(ax.transData, ax.transAxes),
                 rotation=90, ha="right", va="center", fontsize=FONT, color="0.3")
+    _draw_iou_series(figure, ax, x, iou, iou_std, colors)
+    _style_share_axis(ax)
+    if len(names) <= MAX_NAMED_CLASSES:
+        left_out = _name_classes_on_top(ax, names, share, rare, x, clipped, left)
+    else:
+        left_out = len(names)
+    title = "IoU against class rarity"
+    if left_out:  # said in the title, where it covers no data
+        title += f"\n({left_out} class names left out where shares crowd; the bars name every class)"
+    ax.set_title(title, fontsize=FONT + 1, loc="left")
+
+
+def _shade_rare(ax, left: float, rare_share: float) -> None:
+    """A red band over the shares below ``rare_share``, its edge dashed and labelled."""
+    ax.axvspan(left, rare_share, color="tab:red", alpha=0.07, lw=0)
+    ax.axvline(rare_share, color="tab:red", lw=0.8, ls="--", alpha=0.6)
+    ax.text(rare_share, 0.985, f" rare: < {_percent(rare_share)} ", transform=blended_transform_factory(
+        ax.transData, ax.transAxes), ha="right", va="top", fontsize=FONT, color="tab:red")
+
+
+def _draw_iou_series(figure, ax, x, iou, iou_std, colors) -> None:
+    """One marker series per configuration (gid ``iou:<g>``), with std error bars when finite; a note where there
+    is nothing to plot (no evaluation at all, a class without any IoU)."""
+    num_groups, num_classes = iou.shape
     # configurations side by side around each class's share (an offset in points: the data stay the shares)
     spread = min(14.0, 4.0 * max(num_groups - 1, 0))
     for g in range(num_groups):
@@ -186,6 +229,10 @@ def _draw_iou_vs_share(figure, ax, names, share, rare, rare_share, labels, iou, 
     absent = np.isnan(iou).all(axis=0) if num_groups else np.ones(num_classes, dtype=bool)
     for c in np.flatnonzero(absent):
         ax.text(x[c], 0.0, "no IoU", ha="center", va="bottom", fontsize=FONT, color="0.35", rotation=90)
+
+
+def _style_share_axis(ax) -> None:
+    """Percent ticks on the log share axis, axis labels and grid."""
     ax.xaxis.set_major_locator(LogLocator(base=10))
     ax.xaxis.set_major_formatter(FuncFormatter(_percent))
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -193,31 +240,29 @@ def _draw_iou_vs_share(figure, ax, names, share, rare, rare_share, labels, iou, 
     ax.set_xlabel("share of the training pixels (log scale)", fontsize=FONT + 1)
     ax.set_ylabel("IoU (final evaluation)", fontsize=FONT + 1)
     ax.grid(alpha=0.3, which="major")
-    if num_classes <= MAX_NAMED_CLASSES:
-        # one tick per position: classes at the same x (e.g. several without training pixels) share a label
-        ticks: dict[float, list[int]] = {}
-        for c in range(num_classes):
-            ticks.setdefault(float(x[c]), []).append(c)
-        text = [f"{n} ({'0%' if math.isfinite(s) else 'share ?'})" if clip else n
-                for n, s, clip in zip(names, share, clipped)]
-        kept = _declutter(list(ticks), [any(rare[c] for c in members) for members in ticks.values()],
-                          points_per_decade=_POINTS_PER_DECADE / math.log10(1.6 / left))
-        positions = [pos for pos, keep in zip(ticks, kept) if keep]
-        groups = [members for members, keep in zip(ticks.values(), kept) if keep]
-        top = ax.secondary_xaxis("top")
-        top.set_xticks(positions, labels=[", ".join(text[c] for c in members) for members in groups],
-                       rotation=40, ha="left", rotation_mode="anchor", fontsize=FONT)
-        top.tick_params(axis="x", which="minor", top=False)
-        for tick, members in zip(top.get_xticklabels(), groups):
-            if any(rare[c] for c in members):
-                tick.set_color("tab:red")
-        left_out = num_classes - sum(len(members) for members in groups)
-    else:
-        left_out = num_classes
-    title = "IoU against class rarity"
-    if left_out:  # said in the title, where it covers no data
-        title += f"\n({left_out} class names left out where shares crowd; the bars name every class)"
-    ax.set_title(title, fontsize=FONT + 1, loc="left")
+
+
+def _name_classes_on_top(ax, names, share, rare, x, clipped, left: float) -> int:
+    """Class names on a top axis at their shares (rare ones in red, ``(0%)`` / ``(share ?)`` after a clipped one),
+    decluttered where shares crowd; returns how many names were left out."""
+    # one tick per position: classes at the same x (e.g. several without training pixels) share a label
+    ticks: dict[float, list[int]] = {}
+    for c in range(len(names)):
+        ticks.setdefault(float(x[c]), []).append(c)
+    text = [f"{n} ({'0%' if math.isfinite(s) else 'share ?'})" if clip else n
+            for n, s, clip in zip(names, share, clipped)]
+    kept = _declutter(list(ticks), [any(rare[c] for c in members) for members in ticks.values()],
+                      points_per_decade=_POINTS_PER_DECADE / math.log10(1.6 / left))
+    positions = [pos for pos, keep in zip(ticks, kept) if keep]
+    groups = [members for members, keep in zip(ticks.values(), kept) if keep]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(positions, labels=[", ".join(text[c] for c in members) for members in groups],
+                   rotation=40, ha="left", rotation_mode="anchor", fontsize=FONT)
+    top.tick_params(axis="x", which="minor", top=False)
+    for tick, members in zip(top.get_xticklabels(), groups):
+        if any(rare[c] for c in members):
+            tick.set_color("tab:red")
+    return len(names) - sum(len(members) for members in groups)
 
 
 # Width of the IoU-vs-share axis in points (5.6 in column minus margins), spread over its decades.
@@ -235,6 +280,17 @@ def _declutter(positions: Sequence[float], rare: Sequence[bool], points_per_deca
         if all(abs(where - math.log10(positions[j]) * points_per_decade) >= _LABEL_GAP for j in kept):
             kept.append(i)
     return [i in kept for i in range(len(positions))]
+
+
+def _draw_recall_precision(ax_recall, ax_precision, names, share, rare, recall, recall_std, precision, precision_std,
+                           colors) -> None:
+    """The recall and precision bars, classes by decreasing share (unknown shares last)."""
+    order = sorted(range(len(names)), key=lambda c: -share[c] if math.isfinite(share[c]) else math.inf)
+    names, rare = [names[c] for c in order], [rare[c] for c in order]
+    _draw_bars(ax_recall, names, rare, recall[:, order], recall_std[:, order], colors, "recall", "n/a",
+               "recall = TP / (TP + FN): low = pixels of the class missed")
+    _draw_bars(ax_precision, names, rare, precision[:, order], precision_std[:, order], colors, "precision",
+               "no pred", "precision = TP / (TP + FP): low = false alarms")
 
 
 def _draw_bars(ax, names, rare, values, std, colors, ylabel, nan_note, title) -> None:

@@ -80,6 +80,16 @@ def build_deeplabv3(
             last stages and the ASPP; strides are replaced by dilation, so parameter names and shapes (and weight
             files) are the same for every value.
     """
+    _check_head(arch, num_classes, binary_head)
+    output_stride = _check_output_stride(arch, output_stride)
+    model = _new_deeplabv3(arch, 1 if binary_head else num_classes, aux_loss, output_stride)
+    _load_weights(model, arch, weights, weights_backbone)
+    if bn_momentum is not None:
+        set_bn_momentum(model, float(bn_momentum))
+    return model
+
+
+def _check_head(arch: str, num_classes: int, binary_head: bool) -> None:
     if arch not in ARCHITECTURES:
         raise ModelError(f"model.arch={arch!r} is not known; choose one of {sorted(ARCHITECTURES)}.")
     if binary_head and num_classes != 2:
@@ -87,7 +97,10 @@ def build_deeplabv3(
             f"model.binary_head=true needs a 2-class dataset (background, foreground), but the dataset has "
             f"{num_classes} classes; set model.binary_head=false."
         )
-    builder, full_enum, backbone_enum = ARCHITECTURES[arch]
+
+
+def _check_output_stride(arch: str, output_stride: int | None) -> int:
+    """``output_stride`` checked against ``OUTPUT_STRIDES`` (None: the architecture's own)."""
     choices, default_stride = OUTPUT_STRIDES[arch]
     if output_stride is None:
         output_stride = default_stride
@@ -96,23 +109,30 @@ def build_deeplabv3(
             f"model.output_stride={output_stride!r} is not supported by {arch}; choose one of {list(choices)} "
             f"or null (the architecture's own, {default_stride})."
         )
-    output_stride = int(output_stride)
-    out_channels = 1 if binary_head else num_classes
+    return int(output_stride)
+
+
+def _new_deeplabv3(arch: str, out_channels: int, aux_loss: bool, output_stride: int) -> nn.Module:
+    """The randomly initialised model: torchvision's builder, its backbone re-strided when ``output_stride`` is not
+    the architecture's own."""
+    builder, default_stride = ARCHITECTURES[arch][0], OUTPUT_STRIDES[arch][1]
     if arch in _RESNETS and output_stride != default_stride:
-        model = _deeplabv3_resnet(arch, out_channels, aux_loss, output_stride)
-    else:
-        model = builder(weights=None, weights_backbone=None, num_classes=out_channels, aux_loss=aux_loss)
-        if "mobilenet" in arch and output_stride != default_stride:
-            _dilate_mobilenet(model.backbone, output_stride)
+        return _deeplabv3_resnet(arch, out_channels, aux_loss, output_stride)
+    model = builder(weights=None, weights_backbone=None, num_classes=out_channels, aux_loss=aux_loss)
+    if "mobilenet" in arch and output_stride != default_stride:
+        _dilate_mobilenet(model.backbone, output_stride)
+    return model
+
+
+def _load_weights(model: nn.Module, arch: str, weights: str | None, weights_backbone: str | None) -> None:
+    """Local backbone weights, then full-model weights (see ``build_deeplabv3``), each only when given."""
+    _, full_enum, backbone_enum = ARCHITECTURES[arch]
     if weights_backbone is not None:
         path = _resolve_weights(weights_backbone, backbone_enum, "model.weights_backbone")
         _load_backbone(model, arch, path)
     if weights is not None:
         path = _resolve_weights(weights, full_enum, "model.weights")
         _load_matching(model, _read_state_dict(path, "model.weights"), path)
-    if bn_momentum is not None:
-        set_bn_momentum(model, float(bn_momentum))
-    return model
 
 
 def _deeplabv3_resnet(arch: str, num_classes: int, aux_loss: bool, output_stride: int) -> DeepLabV3:

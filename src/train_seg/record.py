@@ -64,7 +64,10 @@ class RunRecord:
         """Accepts version 1 and 2 files; unknown keys are ignored, missing keys take their defaults."""
         if not isinstance(data, Mapping):
             raise RecordError(f"{source}: not a train_seg run record (expected a JSON object).")
-        version = int(data.get("version", 1))
+        try:
+            version = int(data.get("version", 1))
+        except (TypeError, ValueError):
+            raise RecordError(f"{source}: 'version' is {data.get('version')!r}, not a record version.") from None
         if version > VERSION:
             raise RecordError(f"{source}: written by a newer train_seg (record version {version}, this one reads "
                               f"<= {VERSION}); upgrade train_seg to read it.")

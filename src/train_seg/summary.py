@@ -56,16 +56,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from train_seg import record
 from train_seg.atomic import atomic_write
 
 FILES = ("summary.csv", "summary.md", "summary.png")
@@ -193,8 +192,8 @@ def find_job_dirs(sweep_dir: str | Path) -> list[Path]:
     for root, dirs, files in os.walk(sweep_dir):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
         here = Path(root)
-        if "metrics.json" in files or (here / ".hydra" / "overrides.yaml").is_file():
-            if here != sweep_dir or "metrics.json" in files:
+        if record.FILENAME in files or (here / ".hydra" / "overrides.yaml").is_file():
+            if here != sweep_dir or record.FILENAME in files:
                 found.append(here)
     return sorted(found, key=lambda p: _sort_key(p.relative_to(sweep_dir).as_posix()))
 
@@ -229,45 +228,49 @@ def _float(value: Any) -> float:
         return math.nan
 
 
-def _by_class(record: dict | None, key: str = "iou") -> dict[str, float]:
-    per_class = (record or {}).get("per_class") or {}
+def _by_class(entry: dict | None, key: str = "iou") -> dict[str, float]:
+    per_class = (entry or {}).get("per_class") or {}
     return {name: _float((values or {}).get(key)) for name, values in per_class.items()}
 
 
 def read_job(job_dir: str | Path, sweep_dir: str | Path) -> JobResult:
-    """One job's row from its ``metrics.json`` and ``.hydra/overrides.yaml`` (never raises on a bad file: the row
-    then says ``incomplete`` and ``error`` names the problem)."""
+    """One job's row from its ``metrics.json`` (read through ``train_seg.record``) and ``.hydra/overrides.yaml``
+    (never raises on a bad file: the row then says ``incomplete`` and ``error`` names the problem)."""
     job_dir, sweep_dir = Path(job_dir), Path(sweep_dir)
     name = job_dir.relative_to(sweep_dir).as_posix() if job_dir != sweep_dir else job_dir.name
     job = JobResult(name=name, path=job_dir, num=_job_num(name), overrides=_read_overrides(job_dir), status="incomplete")
-    path = job_dir / "metrics.json"
-    if not path.is_file():
+    if not (job_dir / record.FILENAME).is_file():
         return job
     try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        job.error = f"metrics.json unreadable: {exc}"
+        run = record.read(job_dir)
+    except (record.RecordError, TypeError, ValueError) as exc:  # TypeError, ValueError: e.g. a non-integer version
+        job.error = f"{record.FILENAME} unreadable: {exc.__cause__ or exc}"
         return job
     job.has_metrics = True
-    job.status = str(metrics.get("status") or "incomplete")
-    job.error = metrics.get("error")
-    history = metrics.get("history") or []
+    _fill_from_record(job, run)
+    return job
+
+
+def _fill_from_record(job: JobResult, run: record.RunRecord) -> None:
+    """The row's status, error and metrics from a run record."""
+    job.status = str(run.status or "incomplete")
+    job.error = run.error
+    history = run.history or []
     job.epochs = history[-1].get("epoch") if history else None
-    final, best = metrics.get("final") or {}, metrics.get("best") or {}
+    final, best = run.final or {}, run.best or {}
     job.final_miou = _float(final.get("val/mIoU"))
     job.final_iou = _by_class(final)
     job.final_recall = _by_class(final, "recall")
     job.final_precision = _by_class(final, "precision")
-    job.best_metric = best.get("metric") or metrics.get("optimized_metric")
+    job.best_metric = best.get("metric") or run.optimized_metric
     job.best_value = _float(best.get("value"))
     job.best_epoch = best.get("epoch")
     job.best_miou = _float(best.get("val/mIoU"))
     job.best_iou = _by_class(best)
-    job.class_names = list(metrics.get("class_names") or job.final_iou)
-    shares = ((metrics.get("class_stats") or {}).get("train") or {}).get("pixel_share") or []
+    job.class_names = list(run.class_names or job.final_iou)
+    shares = ((run.class_stats or {}).get("train") or {}).get("pixel_share") or []
     job.pixel_share = {n: _float(s) for n, s in zip(job.class_names, shares)}
-    job.rare_share = _float(metrics["rare_share"]) if metrics.get("rare_share") is not None else None
-    return job
+    job.rare_share = _float(run.rare_share) if run.rare_share is not None else None
 
 
 def _override_key(override: str) -> str:
@@ -407,7 +410,23 @@ def summarize(sweep_dir: str | Path, rare_share: float | None = None,
     names the baseline configuration (overrides, see ``parse_baseline``; None = the default rule)."""
     sweep_dir = Path(sweep_dir)
     jobs = [read_job(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
+    classes, shares = _classes_by_share(jobs)
+    rare_share, note = _choose_rare_share(jobs, rare_share)
+    rare = [rare_share is not None and not math.isnan(shares[n]) and shares[n] < rare_share for n in classes]
+    _set_rare_mious(jobs, [n for n, r in zip(classes, rare) if r])
+    common, varying = _common_and_varying(jobs, swept_keys(sweep_dir))
+    groups = group_jobs(jobs, classes)
+    base, base_note = choose_baseline(groups, varying, baseline)
+    if base is not None:
+        _compare_with_baseline(groups, base, classes)
+    return SweepSummary(sweep_dir=sweep_dir, jobs=jobs, classes=classes, pixel_share=[shares[n] for n in classes],
+                        rare=rare, rare_share=rare_share, rare_share_note=note, varying_keys=varying,
+                        common_overrides=common, groups=groups, baseline=base, baseline_note=base_note)
 
+
+def _classes_by_share(jobs: Sequence[JobResult]) -> tuple[list[str], dict[str, float]]:
+    """Every class of the jobs (a class's share from the first job naming it), by decreasing training pixel share;
+    classes without a known share last."""
     classes: list[str] = []
     shares: dict[str, float] = {}
     for job in jobs:
@@ -415,34 +434,42 @@ def summarize(sweep_dir: str | Path, rare_share: float | None = None,
             if name not in shares:
                 classes.append(name)
                 shares[name] = job.pixel_share.get(name, math.nan)
-    # by decreasing training pixel share; classes without a known share last
     classes.sort(key=lambda n: (math.isnan(shares[n]), -shares[n] if not math.isnan(shares[n]) else 0.0))
+    return classes, shares
 
+
+def _choose_rare_share(jobs: Sequence[JobResult], rare_share: float | None) -> tuple[float | None, str]:
+    """The rare-class threshold (the one given, else the jobs' own, the smallest when they differ) and a note
+    saying where it comes from."""
     recorded = sorted({job.rare_share for job in jobs if job.rare_share is not None})
     if rare_share is not None:
-        note = f"--rare-share {rare_share:g}"
-    elif len(recorded) == 1:
-        rare_share, note = recorded[0], f"rare_share={recorded[0]:g}, as the jobs ran"
-    elif recorded:
-        rare_share = recorded[0]
-        note = (f"rare_share={rare_share:g}; the jobs ran with different values ({', '.join(f'{r:g}' for r in recorded)}): "
-                "pass --rare-share to choose")
-    else:
-        note = "no job recorded rare_share"
-    rare = [rare_share is not None and not math.isnan(shares[n]) and shares[n] < rare_share for n in classes]
-    rare_names = [n for n, r in zip(classes, rare) if r]
+        return rare_share, f"--rare-share {rare_share:g}"
+    if len(recorded) == 1:
+        return recorded[0], f"rare_share={recorded[0]:g}, as the jobs ran"
+    if recorded:
+        return recorded[0], (f"rare_share={recorded[0]:g}; the jobs ran with different values "
+                             f"({', '.join(f'{r:g}' for r in recorded)}): pass --rare-share to choose")
+    return None, "no job recorded rare_share"
+
+
+def _set_rare_mious(jobs: Sequence[JobResult], rare_names: Sequence[str]) -> None:
+    """Each job's final and best rare mIoU: the NaN-excluded mean IoU over ``rare_names``."""
     for job in jobs:
         if job.has_metrics and job.final_iou:
             job.final_rare_miou = _nanmean([job.final_iou.get(n, math.nan) for n in rare_names])
         if job.has_metrics and job.best_iou:
             job.best_rare_miou = _nanmean([job.best_iou.get(n, math.nan) for n in rare_names])
 
+
+def _common_and_varying(jobs: Sequence[JobResult], swept: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The overrides common to every job and the keys of the others, in order of first appearance. With the swept
+    keys (``swept_keys``) known, those are never common, even if only one job has started yet; without them, what
+    differs between the jobs found (nothing is common to a single job)."""
     all_overrides = [job.overrides for job in jobs]
-    swept = swept_keys(sweep_dir)
-    if swept:  # the keys the sweep varies, even if only one job has started yet
+    if swept:
         common = [o for o in (all_overrides[0] if jobs else []) if _override_key(o) not in swept
                   and all(o in other for other in all_overrides)]
-    else:  # no multirun.yaml: what differs between the jobs found (nothing is common to a single job)
+    else:
         common = [o for o in all_overrides[0] if all(o in other for other in all_overrides)] if len(jobs) > 1 else []
     varying: list[str] = []
     for overrides in all_overrides:
@@ -450,20 +477,20 @@ def summarize(sweep_dir: str | Path, rare_share: float | None = None,
             key = _override_key(override)
             if override not in common and key not in varying:
                 varying.append(key)
-    groups = group_jobs(jobs, classes)
-    base, base_note = choose_baseline(groups, varying, baseline)
-    if base is not None:
-        base.is_baseline = True
-        for group in groups:
-            if group is base:
-                continue
-            group.beats_baseline = beats(group.mean["final_rare_mIoU"], group.std["final_rare_mIoU"],
-                                         base.mean["final_rare_mIoU"], base.std["final_rare_mIoU"])
-            group.beats = {n: beats(group.mean[f"IoU/{n}"], group.std[f"IoU/{n}"], base.mean[f"IoU/{n}"],
-                                    base.std[f"IoU/{n}"]) for n in classes}
-    return SweepSummary(sweep_dir=sweep_dir, jobs=jobs, classes=classes, pixel_share=[shares[n] for n in classes],
-                        rare=rare, rare_share=rare_share, rare_share_note=note, varying_keys=varying,
-                        common_overrides=common, groups=groups, baseline=base, baseline_note=base_note)
+    return common, varying
+
+
+def _compare_with_baseline(groups: Sequence[GroupResult], base: GroupResult, classes: Sequence[str]) -> None:
+    """Marks ``base`` as the baseline and sets every other group's ``beats_baseline`` (rare mIoU) and ``beats``
+    (per class IoU)."""
+    base.is_baseline = True
+    for group in groups:
+        if group is base:
+            continue
+        group.beats_baseline = beats(group.mean["final_rare_mIoU"], group.std["final_rare_mIoU"],
+                                     base.mean["final_rare_mIoU"], base.std["final_rare_mIoU"])
+        group.beats = {n: beats(group.mean[f"IoU/{n}"], group.std[f"IoU/{n}"], base.mean[f"IoU/{n}"],
+                                base.std[f"IoU/{n}"]) for n in classes}
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -647,8 +674,8 @@ def markdown(summary: SweepSummary) -> str:
         lines += ["", "Jobs that did not complete:", ""]
         for job in problems:
             reason = job.error or {"running": "no final status: still running, or killed",
-                                   "incomplete": "no metrics.json: in its first epoch, or killed before its end"}.get(
-                job.status, job.status)
+                                   "incomplete": f"no {record.FILENAME}: in its first epoch, or killed before its "
+                                                 "end"}.get(job.status, job.status)
             first_line = reason.strip().splitlines()[0] if reason.strip() else reason
             num = "" if job.num is None else f"{job.num} "
             lines.append(f"- {num}`{_md_text(job_label(job, summary))}` ({job.status}): {_md_text(first_line[:400])}")
@@ -804,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train_seg.summary: error: --rare-share {args.rare_share}: must be in (0, 1), e.g. 0.01.", file=sys.stderr)
         return 2
     if not find_job_dirs(args.sweep_dir):
-        print(f"train_seg.summary: error: no job directory (with .hydra/overrides.yaml or metrics.json) under "
+        print(f"train_seg.summary: error: no job directory (with .hydra/overrides.yaml or {record.FILENAME}) under "
               f"{args.sweep_dir}.", file=sys.stderr)
         return 2
     summary = write_summary(args.sweep_dir, args.rare_share, args.baseline)

@@ -220,42 +220,13 @@ def summary_figure(jobs: Sequence[str], class_names: Sequence[str], pixel_share:
     ax = figure.add_subplot(grid[0, 0])
     ax_mean = figure.add_subplot(grid[0, 1])
     colors = _job_colors(num_jobs)
-    bar = 0.8 / max(num_jobs, 1)
-    x = np.arange(num_classes)
     annotate = num_jobs * num_classes <= 48
-    for j in range(num_jobs):
-        label = jobs[j] if status[j] == "completed" else f"{jobs[j]} ({status[j]})"
-        positions = x - 0.4 + bar * (j + 0.5)
-        values = iou[j]
-        ax.bar(positions, np.nan_to_num(values, nan=0.0), width=bar, color=colors[j], label=label)
-        if annotate:
-            for pos, value in zip(positions, values):
-                text = "n/a" if math.isnan(value) else f"{value:.2f}"
-                ax.text(pos, (0 if math.isnan(value) else value) + 0.01, text, ha="center", va="bottom",
-                        fontsize=7, rotation=90)
-    labels = [f"{name}\n{100 * share:.2f}%" + ("\n(rare)" if is_rare else "")
-              for name, share, is_rare in zip(class_names, pixel_share, rare)]
-    ax.set_xticks(x, labels=labels, fontsize=8)
-    for tick, is_rare in zip(ax.get_xticklabels(), rare):
-        if is_rare:
-            tick.set_color("tab:red")
-    ax.set_ylim(0, 1.08)
-    ax.set_ylabel("IoU (final evaluation)")
-    ax.set_xlabel("class, training pixel share (decreasing)")
-    ax.grid(axis="y", alpha=0.3)
+    labels = [job if state == "completed" else f"{job} ({state})" for job, state in zip(jobs, status)]
+    _grouped_bars(ax, iou, colors, annotate, labels)
+    _label_classes(ax, class_names, pixel_share, rare)
     ax.set_title(title or "per-class IoU per job")
-
-    means = np.asarray([miou, rare_miou], dtype=np.float64)
-    mx = np.arange(2)
-    for j in range(num_jobs):
-        positions = mx - 0.4 + bar * (j + 0.5)
-        ax_mean.bar(positions, np.nan_to_num(means[:, j], nan=0.0), width=bar, color=colors[j])
-        if annotate:
-            for pos, value in zip(positions, means[:, j]):
-                text = "n/a" if math.isnan(value) else f"{value:.2f}"
-                ax_mean.text(pos, (0 if math.isnan(value) else value) + 0.01, text, ha="center", va="bottom",
-                             fontsize=7, rotation=90)
-    ax_mean.set_xticks(mx, labels=["mIoU", "rare mIoU"], fontsize=8)
+    _grouped_bars(ax_mean, np.asarray([miou, rare_miou], dtype=np.float64).T.reshape(num_jobs, 2), colors, annotate)
+    ax_mean.set_xticks(np.arange(2), labels=["mIoU", "rare mIoU"], fontsize=8)
     ax_mean.set_ylim(0, 1.08)
     ax_mean.grid(axis="y", alpha=0.3)
     ax_mean.set_title("means")
@@ -263,6 +234,37 @@ def summary_figure(jobs: Sequence[str], class_names: Sequence[str], pixel_share:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(num_jobs, 3), fontsize=7, frameon=False)
     figure.tight_layout()
     return figure
+
+
+def _grouped_bars(ax, values: np.ndarray, colors: Sequence, annotate: bool,
+                  labels: Sequence[str] | None = None) -> None:
+    """``values`` ``(jobs, slots)``: one bar per job side by side in each slot (NaN: no bar), the value printed on
+    top when ``annotate`` (``n/a`` for NaN); ``labels``: the jobs' legend labels."""
+    num_jobs, num_slots = values.shape
+    bar = 0.8 / max(num_jobs, 1)
+    for j in range(num_jobs):
+        positions = np.arange(num_slots) - 0.4 + bar * (j + 0.5)
+        kwargs = {} if labels is None else {"label": labels[j]}
+        ax.bar(positions, np.nan_to_num(values[j], nan=0.0), width=bar, color=colors[j], **kwargs)
+        if annotate:
+            for pos, value in zip(positions, values[j]):
+                text = "n/a" if math.isnan(value) else f"{value:.2f}"
+                ax.text(pos, (0 if math.isnan(value) else value) + 0.01, text, ha="center", va="bottom",
+                        fontsize=7, rotation=90)
+
+
+def _label_classes(ax, class_names: Sequence[str], pixel_share: Sequence[float], rare: Sequence[bool]) -> None:
+    """Class names with their training pixel share under the IoU bars (rare classes in red), axis labels, grid."""
+    labels = [f"{name}\n{100 * share:.2f}%" + ("\n(rare)" if is_rare else "")
+              for name, share, is_rare in zip(class_names, pixel_share, rare)]
+    ax.set_xticks(np.arange(len(class_names)), labels=labels, fontsize=8)
+    for tick, is_rare in zip(ax.get_xticklabels(), rare):
+        if is_rare:
+            tick.set_color("tab:red")
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("IoU (final evaluation)")
+    ax.set_xlabel("class, training pixel share (decreasing)")
+    ax.grid(axis="y", alpha=0.3)
 
 
 def _job_colors(count: int) -> list:

@@ -66,6 +66,8 @@ class SyntheticShapes(SegmentationSource):
         ignore_index: int = 255,
         ignore_border: int = 0,
         binary: bool = False,
+        car_size: tuple[float, float] = (8.0, 12.0),
+        car_probability: float = 0.5,
     ):
         if split not in _SPLIT_CODES:
             raise DatasetError(f"dataset.split: expected one of {sorted(_SPLIT_CODES)}, got {split!r}.")
@@ -74,6 +76,11 @@ class SyntheticShapes(SegmentationSource):
                 raise DatasetError(f"dataset.{key} must be >= {low}, got {value}.")
         if not 0.0 <= float(empty_fraction) <= 1.0:
             raise DatasetError(f"dataset.empty_fraction must be in [0, 1], got {empty_fraction}.")
+        car_size = tuple(float(v) for v in car_size)
+        if len(car_size) != 2 or not 2.0 <= car_size[0] <= car_size[1] <= 64.0:
+            raise DatasetError(f"dataset.car_size must be [min, max] px with 2 <= min <= max <= 64, got {list(car_size)}.")
+        if not 0.0 <= float(car_probability) <= 1.0:
+            raise DatasetError(f"dataset.car_probability must be in [0, 1], got {car_probability}.")
         if 0 <= ignore_index < len(CLASS_NAMES):
             raise DatasetError(
                 f"dataset.ignore_index={ignore_index} collides with a class label (0..{len(CLASS_NAMES) - 1}); "
@@ -88,6 +95,8 @@ class SyntheticShapes(SegmentationSource):
         self.ignore_index = int(ignore_index)
         self.ignore_border = int(ignore_border)
         self.binary = bool(binary)
+        self.car_size = car_size
+        self.car_probability = float(car_probability)
         if self.binary:
             self.class_names = [CLASS_NAMES[0], CLASS_NAMES[3]]
             self.palette = [PALETTE[0], PALETTE[3]]
@@ -102,7 +111,7 @@ class SyntheticShapes(SegmentationSource):
         return (
             f"synthetic-v{_VERSION}:{self.split}:n={self.length}:size={self.image_size}:seed={self.seed}:"
             f"empty={self.empty_fraction}:noise={self.noise}:ignore={self.ignore_index}:border={self.ignore_border}:"
-            f"binary={self.binary}"
+            f"binary={self.binary}:car={self.car_size[0]:g}-{self.car_size[1]:g}@{self.car_probability:g}"
         )
 
     def describe(self, index: int) -> str:
@@ -134,7 +143,7 @@ class SyntheticShapes(SegmentationSource):
                     self._paint_lake(rng, image, mask, scale)
             if rng.random() < 0.5:
                 self._paint_road(rng, image, mask, scale)
-            if rng.random() < 0.5:
+            if rng.random() < self.car_probability:
                 for _ in range(rng.integers(1, 3)):
                     self._paint_car(rng, image, mask, scale)
 
@@ -192,7 +201,7 @@ class SyntheticShapes(SegmentationSource):
 
     def _paint_car(self, rng, image, mask, scale) -> None:
         size = self.image_size
-        side = rng.uniform(8, 12) * scale
+        side = rng.uniform(*self.car_size) * scale
         y0, x0 = rng.uniform(0, size - side, size=2)
         region = (self._yy >= y0) & (self._yy < y0 + side) & (self._xx >= x0) & (self._xx < x0 + side)
         colour = np.array([rng.uniform(0.5, 0.9), rng.uniform(0.15, 0.5), rng.uniform(0.15, 0.5)], np.float32)

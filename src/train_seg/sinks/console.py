@@ -37,6 +37,30 @@ def format_class_table(metrics: dict, class_names: Sequence[str], pixel_share: S
     return "\n".join(lines)
 
 
+# a rare class below this IoU is called starved under the table
+STARVED_IOU = 0.05
+
+
+def starved_note(metrics: dict, class_names: Sequence[str], pixel_share: Sequence[float], rare) -> str:
+    """One line per rare class whose IoU is below ``STARVED_IOU`` (or that was never predicted), saying whether it
+    is lost to misses or to false alarms, and what to try. Empty when no rare class is starved."""
+    lines = []
+    for index, name in enumerate(class_names):
+        iou = float(metrics["iou"][index])
+        if rare is None or not bool(rare[index]) or math.isnan(iou) or iou >= STARVED_IOU:
+            continue
+        recall, precision = float(metrics["recall"][index]), float(metrics["precision"][index])
+        if math.isnan(precision):
+            why = "never predicted"
+        elif recall < 0.5:
+            why = f"mostly missed (recall {recall:.2f})"
+        else:
+            why = f"found but drowned in false alarms (recall {recall:.2f}, precision {precision:.2f})"
+        lines.append(f"{name} ({100 * pixel_share[index]:.2f}% of training pixels) is starved: IoU {iou:.3f}, {why}. "
+                     "Class weights (weighting=sqrt_inverse, power) or a region loss (loss=ce_dice) target this.")
+    return "\n".join(lines)
+
+
 def _fmt(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
@@ -62,4 +86,6 @@ class ConsoleSink(Sink):
             return
         result = end.evaluation
         table = format_class_table(result.metrics, result.class_names, result.pixel_share, rare=result.rare)
-        log.info("epoch %d, step %d, train loss %.4f\n%s", end.epoch, end.step, end.train_loss, table)
+        note = starved_note(result.metrics, result.class_names, result.pixel_share, result.rare)
+        log.info("epoch %d, step %d, train loss %.4f\n%s%s", end.epoch, end.step, end.train_loss, table,
+                 f"\n{note}" if note else "")

@@ -9,7 +9,8 @@ instead of a fake 0.
 Beyond scalars: a custom-scalars layout (CUSTOM SCALARS tab: all per-class IoU / recall / precision curves of a run
 on one chart each, and the rare classes on their own chart), hparams (HPARAMS tab), the class-weight table and the
 config (TEXT tab), the row-normalised confusion matrix ``val/confusion`` and the prediction overlays
-``val/overlays`` (IMAGES tab) at every evaluation.
+``val/overlays`` (IMAGES tab) at every evaluation, and ``val/per_class`` (IoU against training pixel share, recall and
+precision bars) at the end of training.
 """
 from __future__ import annotations
 
@@ -170,6 +171,7 @@ class TensorBoardSink(Sink):
         self.tb: TensorBoardLogger | None = None
         self.overlays = None
         self.run = None
+        self.last_result: EvalResult | None = None
 
     def on_train_start(self, run) -> None:
         import yaml
@@ -196,6 +198,7 @@ class TensorBoardSink(Sink):
     def on_eval(self, result: EvalResult) -> None:
         from train_seg.visualize import confusion_figure
 
+        self.last_result = result
         self.tb.log_scalars(result.scalars, result.step)
         if self.confusion_image:
             figure = confusion_figure(result.confusion, result.class_names, f"epoch {result.epoch}")
@@ -221,6 +224,11 @@ class TensorBoardSink(Sink):
         self.tb.flush()
 
     def on_train_end(self, run) -> None:
+        if self.last_result is not None:
+            from train_seg.sinks._figures import per_class_figure
+
+            figure = per_class_figure(self.last_result, float(run.config["rare_share"]))
+            self.tb.log_figure("val/per_class", figure, self.last_result.step)
         self.tb.close()
 
     def on_failure(self, error: BaseException) -> None:
