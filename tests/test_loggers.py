@@ -32,9 +32,10 @@ def _accumulator(run_dir: Path):
 def _hparams_content(acc) -> dict:
     from tensorboard.plugins.hparams import metadata
 
-    return {tag: metadata.parse_session_start_info_plugin_data(content) if tag == metadata.SESSION_START_INFO_TAG
-            else metadata.parse_experiment_plugin_data(content)
-            for tag, content in acc.PluginTagToContent(metadata.PLUGIN_NAME).items()}
+    parsers = {metadata.SESSION_START_INFO_TAG: metadata.parse_session_start_info_plugin_data,
+               metadata.SESSION_END_INFO_TAG: metadata.parse_session_end_info_plugin_data,
+               metadata.EXPERIMENT_TAG: metadata.parse_experiment_plugin_data}
+    return {tag: parsers[tag](content) for tag, content in acc.PluginTagToContent(metadata.PLUGIN_NAME).items()}
 
 
 # -- confusion matrix ------------------------------------------------------------------------------------------
@@ -111,12 +112,15 @@ def test_hparams_from_config_flattens_to_scalars_and_compact_strings():
 
 
 def test_custom_scalars_layout_regexes_match_the_right_tags():
-    layout = custom_scalars_layout(CLASSES, ["car"])
-    (iou_regex,) = layout["per-class"]["IoU"][1]
-    assert all(re.match(iou_regex, f"val/IoU/{name}") for name in CLASSES)
+    # one tag per chart (Multiline colours curves by run, not by tag), so the old all-classes chart is gone
+    layout = custom_scalars_layout(CLASSES, ["car"], [0.8, 0.15, 0.046, 0.004])
+    (iou_regex,) = layout["rare classes"]["car: IoU"][1]
+    assert re.match(iou_regex, "val/IoU/car") and not re.match(iou_regex, "val/IoU/carpet")
     assert not re.match(iou_regex, "val/recall/car")
-    (rare_regex,) = layout["rare classes"]["IoU of rare classes"][1]
-    assert re.match(rare_regex, "val/IoU/car") and not re.match(rare_regex, "val/IoU/carpet")
+    per_class = layout["IoU per class"]
+    assert [title.split(" ")[0] for title in per_class] == ["road", "lake", "background"]  # rarest first
+    assert all(re.match(regex, f"val/IoU/{name}") for name in ("road", "lake", "background")
+               for chart in per_class.values() for regex in chart[1] if name in regex)
     assert "rare classes" not in custom_scalars_layout(CLASSES, [])
 
 

@@ -143,3 +143,10 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     values = [json.loads((sweep / r["job"] / "metrics.json").read_text())["best"]["value"] for r in rows]
     assert best.best_value == pytest.approx(max(values))
     assert set(best.best_params) == {"optimizer.lr", "weighting.power", "loss"}
+
+
+def test_cpu_sweep_experiment_runs_two_one_thread_jobs():
+    cfg = compose_with_hydra("experiment=cpu_sweep", "sweep=weighting", "seeds=3")
+    assert "JoblibLauncher" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.n_jobs == 2
+    assert cfg.trainer.num_threads == 1 and cfg.trainer.max_epochs == 8  # experiment=quick underneath
+    assert cfg.hydra.sweeper.params.seed == "range(0,3)"

@@ -26,14 +26,24 @@ from train_seg.metrics import metrics_from_confusion
 # per-class metric -> TensorBoard tag segment; scalar metrics logged as val/<key>
 TAG_NAMES = {"iou": "IoU", "precision": "precision", "recall": "recall", "dice": "dice"}
 SCALAR_KEYS = ("mIoU", "rare_mIoU", "pixel_acc", "mean_acc", "fwIoU")
+# val/pred_share/<class>: share of the evaluated pixels predicted as the class (0 = never predicted, where
+# val/precision/<class> is NaN and so has no point at all)
+PRED_SHARE = "pred_share"
 
 
-def eval_scalars(metrics: dict, class_names: Sequence[str]) -> dict[str, float]:
-    """Flattens ``metrics_from_confusion`` output into ``{"val/mIoU": ..., "val/IoU/<class>": ...}``."""
+def eval_scalars(metrics: dict, class_names: Sequence[str], confusion: torch.Tensor | None = None) -> dict[str, float]:
+    """Flattens ``metrics_from_confusion`` output into ``{"val/mIoU": ..., "val/IoU/<class>": ...}``; with the
+    confusion matrix (rows target, columns prediction) also ``val/pred_share/<class>`` = column sum / total (NaN
+    when no pixel was evaluated)."""
     out = {f"val/{key}": float(metrics[key]) for key in SCALAR_KEYS if key in metrics}
     for key, tag in TAG_NAMES.items():
         for name, value in zip(class_names, metrics[key].tolist()):
             out[f"val/{tag}/{name}"] = float(value)
+    if confusion is not None:
+        predicted = confusion.detach().to("cpu", torch.float64).sum(0)
+        total = float(predicted.sum())
+        for name, count in zip(class_names, predicted.tolist()):
+            out[f"val/{PRED_SHARE}/{name}"] = count / total if total > 0 else float("nan")
     return out
 
 
@@ -62,7 +72,7 @@ class EvalResult:
 
     def __post_init__(self) -> None:
         self.metrics = metrics_from_confusion(self.confusion, self.rare)
-        self.scalars = eval_scalars(self.metrics, self.class_names)
+        self.scalars = eval_scalars(self.metrics, self.class_names, self.confusion)
 
     def entry(self) -> dict[str, Any]:
         """The run record's evaluation entry (``final`` / ``best`` in metrics.json)."""

@@ -147,7 +147,7 @@ class TrainerConfig:
              "torchvision: 0.5", Check(min=0))
     channels_last: bool = setting(
         False, "store the model and batches channels_last (faster convolutions on recent CPUs and on CUDA)")
-    eval_every: int = setting(2, "validate every N epochs (and always after the last one)",
+    eval_every: int = setting(1, "validate every N epochs (and always after the last one); every epoch by default, so curves have a point per epoch",
                               Check(min=1, note=" (epochs)"))
     log_every: int = setting(10, "log train/loss and train/lr every N steps (the only host syncs of the hot loop)",
                              Check(min=1, note=" (steps)"))

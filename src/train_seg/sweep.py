@@ -11,6 +11,11 @@ How a failing job is handled, end to end:
 2. ``on_multirun_end`` (here) writes the summary, in which that job is a row marked ``failed`` with its error,
    prints a short table, and exits with status 1 if any job is not ``completed``, so scripts and CI see the failure.
 
+3. ``on_multirun_end`` also writes the sweep's one HPARAMS experiment at the sweep root
+   (``train_seg.sinks.tensorboard.write_sweep_experiment``): TensorBoard uses the first experiment it finds in a
+   logdir, so the jobs write only their sessions (their rows) and this file says which hyperparameters vary (they
+   come first) and which metric columns come first (the rarest class's IoU, ``val/rare_mIoU``, ``val/mIoU``).
+
 The callback is registered in ``configs/hydra/default.yaml`` (``hydra.callbacks.sweep_summary``). It reads nothing
 but the files of the sweep directory, so it works the same with the joblib launcher (jobs in other processes).
 The baseline configuration of the summary is the config key ``summary.baseline`` of the multirun's config (see
@@ -65,6 +70,7 @@ class SweepSummaryCallback(Callback):
             if self.exit_on_failure:
                 sys.exit(1)
             return
+        self._write_hparams_experiment(config, sweep_dir, summary)
         print(f"\nsweep summary ({sweep_dir}):\n{console_table(summary)}", flush=True)
         print("wrote " + ", ".join(str(sweep_dir / name) for name in FILES), flush=True)
         bad = summary.not_completed
@@ -75,3 +81,21 @@ class SweepSummaryCallback(Callback):
                   file=sys.stderr, flush=True)
             if self.exit_on_failure:
                 sys.exit(1)
+
+    @staticmethod
+    def _write_hparams_experiment(config: DictConfig, sweep_dir: Path, summary) -> None:
+        """The sweep's HPARAMS experiment at the sweep root (module docstring, point 3); a failure only costs the
+        ordering of the HPARAMS tab, so it is reported and the sweep goes on."""
+        try:
+            from train_seg.sinks.tensorboard import hparam_metric_tags, write_sweep_experiment
+            from train_seg.summary import swept_keys
+
+            params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+            swept = [str(k) for k in params] + swept_keys(sweep_dir)
+            metric = next((job.best_metric for job in summary.jobs if job.best_metric),
+                          OmegaConf.select(config, "optimized_metric", default="val/mIoU"))
+            tags = hparam_metric_tags(summary.classes, str(metric), summary.pixel_share)
+            write_sweep_experiment(sweep_dir, [job.path for job in summary.jobs], tags, swept)
+        except Exception as exc:
+            print(f"train_seg: could not write the sweep's HPARAMS experiment in {sweep_dir}: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

@@ -89,21 +89,70 @@ def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: i
 
 
 def display_image(image) -> np.ndarray:
-    """A normalised ``(3, H, W)`` float image (after the val transform) -> ``(H, W, 3)`` uint8 for display.
+    """A float image (e.g. a normalised ``(3, H, W)`` tensor after the val transform) -> ``(H, W, 3)`` uint8.
 
-    Each channel is stretched from its 1st to its 99th percentile: this undoes any per-channel affine
-    normalisation (albumentations ``Normalize``) up to contrast, without needing the transform's mean and std."""
+    The last resort of ``source_view`` (an image that is not uint8, or a pipeline it cannot replay): one stretch
+    from the 0.5th to the 99.5th percentile over ALL channels, which undoes any affine normalisation that treats the
+    channels alike and keeps the colours' balance (stretching each channel on its own turns a flat background with
+    mild noise into coloured noise)."""
     array = np.asarray(image, dtype=np.float32)
     if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
         array = array.transpose(1, 2, 0)
     if array.ndim == 2:
         array = array[..., None]
-    low = np.percentile(array, 1, axis=(0, 1), keepdims=True)
-    high = np.percentile(array, 99, axis=(0, 1), keepdims=True)
-    scaled = np.clip((array - low) / np.maximum(high - low, 1e-6), 0.0, 1.0)
+    low, high = np.percentile(array, [0.5, 99.5])
+    scaled = np.clip((array - low) / max(float(high - low), 1e-6), 0.0, 1.0)
     if scaled.shape[-1] == 1:
         scaled = np.repeat(scaled, 3, axis=-1)
     return (scaled * 255).round().astype(np.uint8)
+
+
+def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        return display_image(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def _resize_nearest(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    rows = (np.arange(shape[0]) * image.shape[0] / shape[0]).astype(int)
+    cols = (np.arange(shape[1]) * image.shape[1] / shape[1]).astype(int)
+    return image[rows][:, cols]
+
+
+def geometric_steps(transform) -> list | None:
+    """The steps of an albumentations ``Compose`` that move pixels (resize, pad, crop, flip), i.e. all but the
+    image-only ones (``Normalize``, colour jitter...) and ``ToTensorV2``; None when ``transform`` is not a Compose."""
+    steps = getattr(transform, "transforms", None)
+    if steps is None:
+        return None
+    from albumentations.core.transforms_interface import ImageOnlyTransform
+
+    return [t for t in steps if not isinstance(t, ImageOnlyTransform) and type(t).__name__ != "ToTensorV2"]
+
+
+def source_view(dataset, index: int, shape: Sequence[int]) -> np.ndarray:
+    """Item ``index`` of a ``SegmentationDataset`` as the dataset holds it: ``source.load_image(index)`` (uint8
+    RGB, before any normalisation), put through the geometric steps of the dataset's (val) transform, so it lines up
+    pixel for pixel with the item's mask of ``shape`` (H, W) that metrics and predictions use. When the pipeline
+    cannot be replayed (not albumentations) or gives another size, the source image is resized (nearest) to
+    ``shape``."""
+    image = _as_rgb_uint8(dataset.source.load_image(index))
+    steps = geometric_steps(dataset.transform) if dataset.transform is not None else []
+    if steps:
+        try:
+            import albumentations as A
+
+            image = _as_rgb_uint8(A.Compose(steps)(image=image, mask=dataset.source.load_mask(index))["image"])
+        except Exception:  # a view of the image must never stop training
+            pass
+    if tuple(image.shape[:2]) != tuple(shape[:2]):
+        image = _resize_nearest(image, shape)
+    return image
 
 
 def _spread(candidates: Sequence[int], count: int) -> list[int]:
@@ -122,7 +171,8 @@ def select_overlay_indices(presence: np.ndarray, pixel_share: Sequence[float], c
     ``presence`` is the val split's ``(num_images, K)`` class-presence matrix, ``pixel_share`` the training split's
     class shares (which define rarity). At least half the images (rounded up) contain the rarest class present in
     the val split, spread evenly over the images that contain it; then one image per remaining class, rarest
-    first, so every present class appears when ``count`` allows; then evenly spread images fill the rest.
+    first, so every present class appears when ``count`` allows; then evenly spread images that show a class other
+    than the most frequent one (the background), and only when those run out, any image.
     Returns image indices, rare-class images first."""
     presence = np.asarray(presence, dtype=bool)
     num_images = presence.shape[0]
@@ -145,13 +195,16 @@ def select_overlay_indices(presence: np.ndarray, pixel_share: Sequence[float], c
             break
         if not presence[chosen, c].any():
             take(np.flatnonzero(presence[:, c]).tolist(), 1)
+    if len(by_rarity) > 1:  # images that show more than the background
+        take(np.flatnonzero(presence[:, by_rarity[:-1]].any(axis=1)).tolist(), count - len(chosen))
     take(list(range(num_images)), count - len(chosen))
     return chosen
 
 
 class OverlaySet:
     """A fixed set of validation images, loaded once through the val transform, drawn as
-    image | ground truth | prediction at every evaluation."""
+    image | ground truth | prediction at every evaluation. The image column shows the source image as the dataset
+    holds it (``source_view``: uint8, the val pipeline's geometry, no normalisation)."""
 
     def __init__(self, dataset, indices: Sequence[int], class_names: Sequence[str],
                  palette: Sequence[Sequence[int]], ignore_index: int = 255):
@@ -160,46 +213,76 @@ class OverlaySet:
         self.palette = [tuple(int(v) for v in color) for color in palette]
         self.ignore_index = int(ignore_index)
         self.items = [dataset[i] for i in self.indices]  # (image (3, H, W) float, mask (H, W) int64)
+        self.views = [source_view(dataset, i, mask.shape) for i, (_, mask) in zip(self.indices, self.items)]
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def figure(self, predicted: Sequence[np.ndarray], title: str | None = None) -> Figure:
         return overlay_figure(
-            [display_image(image.numpy()) for image, _ in self.items], [mask.numpy() for _, mask in self.items],
-            predicted, self.palette, self.class_names, self.ignore_index,
-            captions=[f"val #{i}" for i in self.indices], title=title,
+            self.views, [mask.numpy() for _, mask in self.items], predicted, self.palette, self.class_names,
+            self.ignore_index, captions=[f"val #{i}" for i in self.indices], title=title,
         )
+
+
+# Overlay text sizes in points at OVERLAY_DPI: 11 pt is 15 px at actual size; a panel title holds about
+# TITLE_CHARS characters before it runs into the next panel's.
+OVERLAY_DPI = 100
+OVERLAY_FONT = 11
+TITLE_CHARS = 34
+
+
+def _class_list(mask: np.ndarray, class_names: Sequence[str], ignore_index: int) -> list[str]:
+    labels = [int(c) for c in np.unique(mask) if 0 <= c < len(class_names) and c != ignore_index]
+    return [class_names[c] for c in labels]
+
+
+def _titled_list(prefix: str, names: Sequence[str], limit: int = TITLE_CHARS) -> str:
+    """``"truth: road, car"``; names that do not fit in ``limit`` characters are counted (``"+2"``)."""
+    if not names:
+        return f"{prefix}nothing"
+    text = prefix + names[0]
+    for k, name in enumerate(names[1:], start=1):
+        rest = len(names) - k
+        if len(text) + 2 + len(name) + (len(f" +{rest - 1}") if rest > 1 else 0) > limit:
+            return f"{text} +{rest}"
+        text += f", {name}"
+    return text
 
 
 def overlay_figure(images: Sequence[np.ndarray], targets: Sequence[np.ndarray], predicted: Sequence[np.ndarray],
                    palette: Sequence[Sequence[int]], class_names: Sequence[str], ignore_index: int = 255,
                    captions: Sequence[str] | None = None, title: str | None = None) -> Figure:
     """One row per image: the image, its ground truth and the prediction in the dataset palette (ignore pixels in
-    ``IGNORE_COLOR``); each row names the classes present in its ground truth; a legend maps colours to classes."""
+    ``IGNORE_COLOR``). Each panel's title says what it holds (the image's caption, the classes in the ground truth,
+    the classes predicted: a rare class that is never predicted is missing from the last); the legend on top maps
+    the colours of the classes shown to their names. Text is ``OVERLAY_FONT`` pt at ``OVERLAY_DPI`` (15 px)."""
     rows = len(images)
-    panel = 2.2
-    figure = new_figure(3 * panel, rows * panel + 0.9, dpi=80)
+    panel = 2.5
+    figure = Figure(figsize=(3 * panel + 0.3, rows * (panel + 0.45) + 1.1), dpi=OVERLAY_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
     axes = figure.subplots(rows, 3, squeeze=False)
+    shown: set[int] = set()
     for r in range(rows):
-        target = np.asarray(targets[r])
-        present = [class_names[c] for c in np.unique(target) if 0 <= c < len(class_names) and c != ignore_index]
-        panels = (images[r], colorize(target, palette, ignore_index), colorize(predicted[r], palette, ignore_index))
-        for col, picture in enumerate(panels):
+        target, guess = np.asarray(targets[r]), np.asarray(predicted[r])
+        truth_names, pred_names = (_class_list(m, class_names, ignore_index) for m in (target, guess))
+        shown.update(class_names.index(n) for n in truth_names + pred_names)
+        panels = (images[r], colorize(target, palette, ignore_index), colorize(guess, palette, ignore_index))
+        labels = (captions[r] if captions else f"#{r}", _titled_list("truth: ", truth_names),
+                  _titled_list("predicted: ", pred_names))
+        for col, (picture, label) in enumerate(zip(panels, labels)):
             ax = axes[r][col]
             ax.imshow(picture, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
-                ax.set_title(("image", "ground truth", "prediction")[col], fontsize=9)
-        caption = captions[r] if captions else f"#{r}"
-        axes[r][0].set_ylabel(f"{caption}\n{', '.join(present) or 'no labelled pixel'}", fontsize=7)
-    handles = [Patch(color=np.asarray(color) / 255, label=name) for name, color in zip(class_names, palette)]
-    handles.append(Patch(color=np.asarray(IGNORE_COLOR) / 255, label="ignore"))
-    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout(rect=(0, 0.3 / (rows * panel + 0.9), 1, 1))
+            ax.set_title(label, fontsize=OVERLAY_FONT, loc="left")
+    handles = [Patch(color=np.asarray(palette[c]) / 255, label=class_names[c]) for c in sorted(shown)]
+    if any((np.asarray(m) == ignore_index).any() for m in targets):
+        handles.append(Patch(color=np.asarray(IGNORE_COLOR) / 255, label="ignore"))
+    heading = f"{title}: image | ground truth | prediction" if title else "image | ground truth | prediction"
+    figure.legend(handles=handles, loc="outside upper center", ncol=min(max(len(handles), 1), 5),
+                  fontsize=OVERLAY_FONT, frameon=False, handlelength=1.2, columnspacing=1.2,
+                  title=heading, title_fontsize=OVERLAY_FONT + 1)
     return figure
 
 
