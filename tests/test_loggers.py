@@ -117,7 +117,7 @@ def test_custom_scalars_layout_regexes_match_the_right_tags():
     (iou_regex,) = layout["rare classes"]["car: IoU"][1]
     assert re.match(iou_regex, "val/IoU/car") and not re.match(iou_regex, "val/IoU/carpet")
     assert not re.match(iou_regex, "val/recall/car")
-    per_class = layout["IoU per class"]
+    per_class = layout["IoU per class, rarest first"]
     assert [title.split(" ")[0] for title in per_class] == ["road", "lake", "background"]  # rarest first
     assert all(re.match(regex, f"val/IoU/{name}") for name in ("road", "lake", "background")
                for chart in per_class.values() for regex in chart[1] if name in regex)

@@ -212,3 +212,14 @@ def test_the_console_says_when_a_rare_class_is_starved():
     fine = metrics_from_confusion(torch.tensor([[985, 5], [2, 8]]))
     assert starved_note(fine, names, share, rare) == ""
     assert starved_note(never, names, share, torch.tensor([False, False])) == ""  # only rare classes
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    import os
+
+    from train_seg.atomic import atomic_write
+
+    path = atomic_write(tmp_path / "f.json", lambda handle: handle.write("{}"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~mask

@@ -33,6 +33,8 @@ SHARE = [0.8, 0.15, 0.046, 0.004]
 SHOWN = 5  # the HPARAMS tab shows the first five hyperparameters and the first five metrics
 TINY = ["trainer.max_steps=2", "dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64",
         "trainer.batch_size=2", "trainer.num_workers=0", "trainer.progress=false"]
+# dataset seed 1 at this size: car is rare (0.6% of the 8 training images) and in the val split, road is not
+SWEEP_DATA = ["dataset.seed=1"]
 
 
 # -- TensorBoard's own view of a logdir ------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def _value(value):
 def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tb_sweep")
     result = subprocess.run(
-        [sys.executable, "-m", "train_seg", "-m", "weighting=none,inverse", *TINY,
+        [sys.executable, "-m", "train_seg", "-m", "weighting=none,inverse", *TINY, *SWEEP_DATA,
          f"paths.cache_dir={root / 'cache'}", f"hydra.sweep.dir={root / 'sweep'}"],
         cwd=root, env=cli_env() | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,6 +108,8 @@ def test_sweep_hparams_show_the_varying_key_and_the_rare_class_first(sweep):
     assert not any(h.differs for h in experiment.hparam_infos[1:])  # the rest is constant in this sweep
     assert len(names) <= 6 and "dataset.name" not in names[:SHOWN]
     metrics = [m.name.tag for m in experiment.metric_infos][:SHOWN]
+    record = json.loads(next(sweep.glob("0_*/metrics.json")).read_text())
+    assert record["rare_classes"] == ["car"] and record["class_stats"]["val"]["image_counts"][3] > 0  # the data
     assert metrics[:3] == ["val/IoU/car", "val/rare_mIoU", "val/mIoU"]  # car: the rarest class
     # one row per job, with its own value and its metric columns filled from the job's last evaluation
     rows = {g.name: g for g in groups}
@@ -142,6 +146,7 @@ def test_sweep_custom_scalars_have_no_empty_or_duplicate_chart(sweep):
         seen[key] = chart["title"]
     titles = [c["title"] for c in layout["category"]]
     assert titles[0] == "rare classes" and "overview" in titles
+    assert "IoU per class, rarest first (not in the val split: road)" in titles  # why road has no chart
     assert not any("best/" in t for tags in seen for t in tags)  # best/val/mIoU would repeat val/mIoU
 
 
@@ -186,9 +191,35 @@ def test_hparams_name_the_chosen_option_of_a_group():
 def test_metric_columns_start_with_the_rarest_class():
     assert rarest_class(CLASSES, SHARE) == "car"
     assert rarest_class(CLASSES, [0.7, 0.3, 0.0, 0.0]) == "lake"  # a class without training pixels is skipped
+    assert rarest_class(CLASSES, SHARE, [True, True, True, False]) == "road"  # car is not in the val split
     tags = hparam_metric_tags(CLASSES, "val/rare_mIoU", SHARE)
     assert tags[:SHOWN] == ["val/IoU/car", "val/rare_mIoU", "val/mIoU", "val/recall/car", "val/pred_share/car"]
     assert tags[SHOWN:] == ["best/val/rare_mIoU", "best/epoch", "val/IoU/road", "val/IoU/lake", "val/IoU/background"]
+
+
+def test_run_context_tells_a_sweep_job_from_a_single_run(tmp_path):
+    import yaml
+
+    from train_seg.sinks.tensorboard import run_context
+
+    sweep = tmp_path / "sweep"
+    job = sweep / "0_weighting=none"
+    (job / ".hydra").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"overrides": {"task": ["weighting=none,inverse", "trainer.max_steps=2"]}}}))
+    hydra = {"mode": "MULTIRUN", "sweeper": {"params": {"loss": "ce,focal"}},
+             "overrides": {"task": ["weighting=none", "loss=focal"]},
+             "runtime": {"choices": {"loss": "ce", "sampler": "none", "hydra/launcher": "basic"}}}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+    context = run_context(job)
+    assert context.multirun and context.swept == ("loss", "weighting")
+    assert context.choices["loss"] == "focal" and context.choices["sampler"] == "none"  # the override wins
+    assert "hydra/launcher" not in context.choices
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {**hydra, "mode": "RUN"}}))
+    assert not run_context(job).multirun
+    (job / ".hydra" / "hydra.yaml").unlink()  # hydra.output_subdir=null: the sweep's multirun.yaml still tells
+    assert run_context(job).multirun and run_context(job).swept == ("weighting",)
+    assert not run_context(tmp_path / "elsewhere").multirun
 
 
 def _run_dir(path: Path, hparams: dict, experiment: bool, scalars: dict) -> Path:
@@ -317,11 +348,15 @@ def test_overlay_text_is_large_horizontal_and_the_legend_is_on_top():
 
     visualize.figure_to_array(figure)
     texts = [t for t in figure.findobj(Text) if t.get_text()]
-    assert {t.get_text() for t in texts} >= {"val #3", "truth: background, lake, road", "predicted: background"}
-    assert all(t.get_fontsize() >= 11 and t.get_rotation() == 0 for t in texts)  # 15 px and more at 100 dpi
-    (legend,) = figure.legends
+    assert {t.get_text() for t in texts} >= {
+        "val #3 · truth: background, lake, road\npredicted: background · missed: lake, road",
+        "val #8 · truth: background, car\npredicted: background · missed: car"}
+    # 17 px at actual size, about 12 px in a TensorBoard image card (which shrinks the 500 px figure to ~350 px)
+    assert all(t.get_fontsize() >= 12 and t.get_rotation() == 0 for t in texts)
+    assert visualize.figure_to_array(figure).shape[1] <= 520
+    (legend,) = [legend for sub in figure.subfigs for legend in sub.legends]
     assert [t.get_text() for t in legend.get_texts()] == CLASSES  # the classes shown, no unused ignore entry
-    assert all(t.get_fontsize() >= 11 for t in legend.get_texts())
+    assert all(t.get_fontsize() >= 12 for t in legend.get_texts())
     renderer = figure.canvas.get_renderer()
     top_of_axes = max(ax.get_window_extent(renderer).y1 for ax in figure.axes)
     assert legend.get_window_extent(renderer).y0 >= top_of_axes  # above every panel

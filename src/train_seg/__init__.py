@@ -4,6 +4,12 @@ Importing the package registers the typed config schemas (``train_seg.schema``) 
 files of configs/ extend them, so compose the configs after ``import train_seg``. This import stays light (no torch).
 """
 import os
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("train_seg")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 # albumentations checks PyPI for a newer release at import: never from this package (set once, before any import)
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 
 import hydra
@@ -68,8 +69,18 @@ def _run_sweep_job(cfg: DictConfig, run_dir: Path) -> float:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     return run_task(cfg)
+
+
+def main():
+    """``train-seg`` / ``python -m train_seg``: ``--version`` prints the version; anything else goes to Hydra."""
+    if "--version" in sys.argv[1:]:
+        from train_seg import __version__
+
+        print(f"train_seg {__version__}")
+        return None
+    return hydra_main()
 
 
 if __name__ == "__main__":

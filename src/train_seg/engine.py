@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter(loader) a second time (extra workers)
 
 from train_seg.metrics import ConfusionMatrix, predictions
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter(loader) a second time (extra workers)
 
 from train_seg import build, record
 from train_seg.atomic import atomic_write

@@ -11,10 +11,10 @@ How a failing job is handled, end to end:
 2. ``on_multirun_end`` (here) writes the summary, in which that job is a row marked ``failed`` with its error,
    prints a short table, and exits with status 1 if any job is not ``completed``, so scripts and CI see the failure.
 
-3. ``on_multirun_end`` also writes the sweep's one HPARAMS experiment at the sweep root
-   (``train_seg.sinks.tensorboard.write_sweep_experiment``): TensorBoard uses the first experiment it finds in a
-   logdir, so the jobs write only their sessions (their rows) and this file says which hyperparameters vary (they
-   come first) and which metric columns come first (the rarest class's IoU, ``val/rare_mIoU``, ``val/mIoU``).
+``on_multirun_end`` also writes the sweep's one HPARAMS experiment at the sweep root
+(``train_seg.sinks.tensorboard.write_sweep_experiment``): TensorBoard uses the first experiment it finds in a logdir,
+so the jobs write only their sessions (their rows) and this file says which hyperparameters vary (they come first)
+and which metric columns come first (the rarest class's IoU, ``val/rare_mIoU``, ``val/mIoU``).
 
 The callback is registered in ``configs/hydra/default.yaml`` (``hydra.callbacks.sweep_summary``). It reads nothing
 but the files of the sweep directory, so it works the same with the joblib launcher (jobs in other processes).
@@ -84,7 +84,7 @@ class SweepSummaryCallback(Callback):
 
     @staticmethod
     def _write_hparams_experiment(config: DictConfig, sweep_dir: Path, summary) -> None:
-        """The sweep's HPARAMS experiment at the sweep root (module docstring, point 3); a failure only costs the
+        """The sweep's HPARAMS experiment at the sweep root (module docstring); a failure only costs the
         ordering of the HPARAMS tab, so it is reported and the sweep goes on."""
         try:
             from train_seg.sinks.tensorboard import hparam_metric_tags, write_sweep_experiment
@@ -94,8 +94,24 @@ class SweepSummaryCallback(Callback):
             swept = [str(k) for k in params] + swept_keys(sweep_dir)
             metric = next((job.best_metric for job in summary.jobs if job.best_metric),
                           OmegaConf.select(config, "optimized_metric", default="val/mIoU"))
-            tags = hparam_metric_tags(summary.classes, str(metric), summary.pixel_share)
+            names, share, val_present = _class_info(summary)
+            tags = hparam_metric_tags(names, str(metric), share, val_present)
             write_sweep_experiment(sweep_dir, [job.path for job in summary.jobs], tags, swept)
         except Exception as exc:
             print(f"train_seg: could not write the sweep's HPARAMS experiment in {sweep_dir}: "
                   f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
+def _class_info(summary) -> tuple[list[str], list[float], list[bool] | None]:
+    """Class names, training pixel shares and which classes the val split holds, from the first job whose
+    metrics.json has class statistics (the summary's classes and shares when none has)."""
+    from train_seg import record
+
+    for job in summary.jobs:
+        try:
+            run = record.read(job.path)
+            train, val = (run.class_stats or {})["train"], (run.class_stats or {})["val"]
+            return list(run.class_names), list(train["pixel_share"]), [int(c) > 0 for c in val["image_counts"]]
+        except (record.RecordError, KeyError, TypeError):
+            continue
+    return list(summary.classes), list(summary.pixel_share), None

@@ -225,11 +225,14 @@ class OverlaySet:
         )
 
 
-# Overlay text sizes in points at OVERLAY_DPI: 11 pt is 15 px at actual size; a panel title holds about
-# TITLE_CHARS characters before it runs into the next panel's.
+# Overlays are sized for TensorBoard's image cards, which scale an image down to about 350 px wide unless "Show
+# actual image size" is ticked: OVERLAY_PANEL-inch panels at OVERLAY_DPI make a figure about 500 px wide, so
+# OVERLAY_FONT-point text (17 px) still shows at about 12 px in a card, and at 17 px at actual size. A row heading
+# holds about HEADING_CHARS characters.
 OVERLAY_DPI = 100
-OVERLAY_FONT = 11
-TITLE_CHARS = 34
+OVERLAY_PANEL = 1.6
+OVERLAY_FONT = 12
+HEADING_CHARS = 46
 
 
 def _class_list(mask: np.ndarray, class_names: Sequence[str], ignore_index: int) -> list[str]:
@@ -237,7 +240,7 @@ def _class_list(mask: np.ndarray, class_names: Sequence[str], ignore_index: int)
     return [class_names[c] for c in labels]
 
 
-def _titled_list(prefix: str, names: Sequence[str], limit: int = TITLE_CHARS) -> str:
+def _titled_list(prefix: str, names: Sequence[str], limit: int = HEADING_CHARS) -> str:
     """``"truth: road, car"``; names that do not fit in ``limit`` characters are counted (``"+2"``)."""
     if not names:
         return f"{prefix}nothing"
@@ -250,39 +253,51 @@ def _titled_list(prefix: str, names: Sequence[str], limit: int = TITLE_CHARS) ->
     return text
 
 
+def overlay_heading(caption: str, truth: Sequence[str], predicted: Sequence[str]) -> str:
+    """The two-line heading of an overlay row: the image and the classes of its ground truth, then the classes
+    predicted and those of the ground truth not predicted at all (``missed``: a starved rare class shows here)."""
+    missed = [name for name in truth if name not in predicted]
+    second = _titled_list("predicted: ", predicted)
+    if missed:
+        second = _titled_list("predicted: ", predicted, HEADING_CHARS - 9 - len(", ".join(missed[:2])))
+        second += f" · {_titled_list('missed: ', missed, HEADING_CHARS - len(second) - 3)}"
+    return f"{_titled_list(caption + ' · truth: ', truth)}\n{second}"
+
+
 def overlay_figure(images: Sequence[np.ndarray], targets: Sequence[np.ndarray], predicted: Sequence[np.ndarray],
                    palette: Sequence[Sequence[int]], class_names: Sequence[str], ignore_index: int = 255,
                    captions: Sequence[str] | None = None, title: str | None = None) -> Figure:
     """One row per image: the image, its ground truth and the prediction in the dataset palette (ignore pixels in
-    ``IGNORE_COLOR``). Each panel's title says what it holds (the image's caption, the classes in the ground truth,
-    the classes predicted: a rare class that is never predicted is missing from the last); the legend on top maps
-    the colours of the classes shown to their names. Text is ``OVERLAY_FONT`` pt at ``OVERLAY_DPI`` (15 px)."""
+    ``IGNORE_COLOR``), under a horizontal heading (``overlay_heading``: the classes of the ground truth, those
+    predicted, those missed). On top, the column names (after ``title``, e.g. ``"epoch 3"``) and a legend of the
+    colours of the classes shown. Text is ``OVERLAY_FONT`` pt (see ``OVERLAY_DPI``)."""
     rows = len(images)
-    panel = 2.5
-    figure = Figure(figsize=(3 * panel + 0.3, rows * (panel + 0.45) + 1.1), dpi=OVERLAY_DPI, layout="constrained")
+    row_height = OVERLAY_PANEL + 0.5
+    figure = Figure(figsize=(3 * OVERLAY_PANEL + 0.2, rows * row_height + 0.75), dpi=OVERLAY_DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, 3, squeeze=False)
+    top, *row_figures = figure.subfigures(rows + 1, 1, height_ratios=[0.75] + [row_height] * rows, hspace=0.0)
     shown: set[int] = set()
-    for r in range(rows):
+    has_ignore = False
+    for r, row in enumerate(row_figures):
         target, guess = np.asarray(targets[r]), np.asarray(predicted[r])
         truth_names, pred_names = (_class_list(m, class_names, ignore_index) for m in (target, guess))
         shown.update(class_names.index(n) for n in truth_names + pred_names)
-        panels = (images[r], colorize(target, palette, ignore_index), colorize(guess, palette, ignore_index))
-        labels = (captions[r] if captions else f"#{r}", _titled_list("truth: ", truth_names),
-                  _titled_list("predicted: ", pred_names))
-        for col, (picture, label) in enumerate(zip(panels, labels)):
-            ax = axes[r][col]
+        has_ignore = has_ignore or bool((target == ignore_index).any())
+        axes = row.subplots(1, 3)
+        for ax, picture in zip(axes, (images[r], colorize(target, palette, ignore_index),
+                                      colorize(guess, palette, ignore_index))):
             ax.imshow(picture, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(label, fontsize=OVERLAY_FONT, loc="left")
+        heading = overlay_heading(captions[r] if captions else f"#{r}", truth_names, pred_names)
+        row.suptitle(heading, x=0.01, ha="left", fontsize=OVERLAY_FONT, linespacing=1.1)
     handles = [Patch(color=np.asarray(palette[c]) / 255, label=class_names[c]) for c in sorted(shown)]
-    if any((np.asarray(m) == ignore_index).any() for m in targets):
+    if has_ignore:
         handles.append(Patch(color=np.asarray(IGNORE_COLOR) / 255, label="ignore"))
-    heading = f"{title}: image | ground truth | prediction" if title else "image | ground truth | prediction"
-    figure.legend(handles=handles, loc="outside upper center", ncol=min(max(len(handles), 1), 5),
-                  fontsize=OVERLAY_FONT, frameon=False, handlelength=1.2, columnspacing=1.2,
-                  title=heading, title_fontsize=OVERLAY_FONT + 1)
+    heading = f"{title}: image | truth | prediction" if title else "image | truth | prediction"
+    top.legend(handles=handles, loc="center", ncol=min(max(len(handles), 1), 4), fontsize=OVERLAY_FONT,
+               frameon=False, handlelength=1.0, handletextpad=0.4, columnspacing=0.9, title=heading,
+               title_fontsize=OVERLAY_FONT, borderaxespad=0.0)
     return figure
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter(loader) a second time (extra workers)
 
 from train_seg.atomic import atomic_write
 from train_seg.data.base import DatasetError, SegmentationSource

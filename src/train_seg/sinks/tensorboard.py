@@ -109,23 +109,26 @@ def hparam_keys(configured: Sequence[str], swept: Sequence[str] = ()) -> list[st
     return list(dict.fromkeys(first + added + [k for k in configured if not _under(k, swept)]))
 
 
-def rarest_class(class_names: Sequence[str], pixel_share: Sequence[float] | None) -> str | None:
-    """The class with the smallest training pixel share among those with some training pixels (else the smallest)."""
+def rarest_class(class_names: Sequence[str], pixel_share: Sequence[float] | None,
+                 val_present: Sequence[bool] | None = None) -> str | None:
+    """The class with the smallest training pixel share among those with training pixels that are in the val split
+    (``val_present``; a class absent from it has no IoU to show), else among all with a share."""
     if not class_names or pixel_share is None or len(pixel_share) != len(class_names):
         return None
+    present = list(val_present) if val_present is not None and len(val_present) == len(class_names) else None
     pairs = [(float(s), i) for i, s in enumerate(pixel_share) if not math.isnan(float(s))]
-    positive = [p for p in pairs if p[0] > 0] or pairs
-    return class_names[min(positive)[1]] if positive else None
+    candidates = [p for p in pairs if p[0] > 0 and (present is None or present[p[1]])] or pairs
+    return class_names[min(candidates)[1]] if candidates else None
 
 
-def hparam_metric_tags(class_names: Sequence[str], optimized_metric: str,
-                       pixel_share: Sequence[float] | None = None) -> list[str]:
+def hparam_metric_tags(class_names: Sequence[str], optimized_metric: str, pixel_share: Sequence[float] | None = None,
+                       val_present: Sequence[bool] | None = None) -> list[str]:
     """The scalar tags shown as metric columns of the HPARAMS tab, in order (the tab shows the first five; it reads
-    each tag's LAST value). With ``pixel_share`` (training split): the rarest class's IoU, ``val/rare_mIoU``,
-    ``val/mIoU``, the rarest class's recall and predicted-pixel share, then ``best/<optimized_metric>``,
-    ``best/epoch`` and every other class's IoU, rarest first; without it ``val/mIoU``, ``val/rare_mIoU``, the best
-    ones and every class's IoU."""
-    rarest = rarest_class(class_names, pixel_share)
+    each tag's LAST value). With ``pixel_share`` (training split): the rarest class's IoU (``rarest_class``: in the
+    val split when ``val_present`` says which are), ``val/rare_mIoU``, ``val/mIoU``, the rarest class's recall and
+    predicted-pixel share, then ``best/<optimized_metric>``, ``best/epoch`` and every other class's IoU, rarest
+    first; without it ``val/mIoU``, ``val/rare_mIoU``, the best ones and every class's IoU."""
+    rarest = rarest_class(class_names, pixel_share, val_present)
     if rarest is None:
         order = list(class_names)
         tags = ["val/mIoU", "val/rare_mIoU", f"best/{optimized_metric}", "best/epoch"]
@@ -238,26 +241,26 @@ def run_context(run_dir: str | Path) -> RunContext:
     """The Hydra job that owns ``run_dir``, from its ``.hydra/hydra.yaml``: ``hydra.mode``, the keys of
     ``hydra.sweeper.params`` and, from the sweep's ``multirun.yaml`` in a parent directory, the command-line sweep
     overrides (``train_seg.summary.swept_keys``); the choices are ``hydra.runtime.choices`` plus the job's
-    ``group=option`` overrides. Outside Hydra (no ``.hydra/hydra.yaml``): a single run, no choices."""
+    ``group=option`` overrides. Without ``.hydra/hydra.yaml`` (outside Hydra, or ``hydra.output_subdir=null``): a
+    job of a sweep when a parent directory holds a ``multirun.yaml``, else a single run; no choices."""
     import yaml
 
     try:
         hydra = (yaml.safe_load((Path(run_dir) / ".hydra" / "hydra.yaml").read_text()) or {}).get("hydra") or {}
     except (OSError, yaml.YAMLError):
-        return RunContext()
-    choices = {str(k): str(v) for k, v in ((hydra.get("runtime") or {}).get("choices") or {}).items()
+        hydra = None
+    choices = {str(k): str(v) for k, v in (((hydra or {}).get("runtime") or {}).get("choices") or {}).items()
                if v is not None and not str(k).startswith("hydra")}
-    overrides = [str(o) for o in ((hydra.get("overrides") or {}).get("task") or [])]
+    overrides = [str(o) for o in (((hydra or {}).get("overrides") or {}).get("task") or [])]
     choices.update({_override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o})
-    if str(hydra.get("mode", "")).upper() != "MULTIRUN":
+    sweep_dir = next((d for d in Path(run_dir).resolve().parents if (d / "multirun.yaml").is_file()), None)
+    multirun = str(hydra.get("mode", "")).upper() == "MULTIRUN" if hydra is not None else sweep_dir is not None
+    if not multirun:
         return RunContext(choices=choices)
     from train_seg.summary import swept_keys
 
-    swept = [str(k) for k in ((hydra.get("sweeper") or {}).get("params") or {})]
-    for parent in Path(run_dir).resolve().parents:
-        if (parent / "multirun.yaml").is_file():
-            swept += swept_keys(parent)
-            break
+    swept = [str(k) for k in (((hydra or {}).get("sweeper") or {}).get("params") or {})]
+    swept += swept_keys(sweep_dir) if sweep_dir is not None else []
     return RunContext(True, tuple(dict.fromkeys(swept)), choices)
 
 
@@ -304,7 +307,7 @@ def custom_scalars_layout(class_names: Sequence[str], rare_names: Sequence[str] 
     * ``rare classes``: per rare class (rarest first), its IoU, recall and ``val/pred_share`` (0 = never predicted;
       its precision has no point then, so it stays in the Scalars tab); a class absent from the val split
       (``val_present`` False) gets only the predicted share;
-    * ``IoU per class``: the other classes' IoU, rarest first (those present in the val split, at most
+    * ``IoU per class, rarest first``: the other classes' IoU (those present in the val split, at most
       ``MAX_CLASS_CHARTS``), titled with their training pixel share;
     * ``overview``: ``val/mIoU``, ``val/rare_mIoU`` (when more than one rare class is in the val split; with one it
       is that class's IoU) and ``train/loss``.
@@ -331,9 +334,12 @@ def custom_scalars_layout(class_names: Sequence[str], rare_names: Sequence[str] 
     others = [i for i in order if i not in rare and present[i]]
     if others:
         shown = others[:MAX_CLASS_CHARTS]
-        title = "IoU per class" if rare else "IoU per class, rarest first"
+        title = "IoU per class, rarest first"
         if len(shown) < len(others):
             title += f" (the {len(shown)} rarest of {len(others)})"
+        absent = [class_names[i] for i in order if i not in rare and not present[i]]
+        if absent:  # their IoU is NaN, or 0 once predicted: no chart
+            title += f" (not in the val split: {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''})"
         layout[title] = {(f"{class_names[i]} ({100 * share[i]:.2f}% of training pixels)" if not math.isnan(share[i])
                           else class_names[i]): _chart(f"val/{TAG_NAMES['iou']}/{class_names[i]}") for i in shown}
     overview = {"mIoU": _chart("val/mIoU")}
@@ -459,7 +465,8 @@ class TensorBoardSink(Sink):
         self.tb.log_layout(run.class_names, run.rare_names, run.pixel_share, val_present)
         job = run_context(run.run_dir)
         self.tb.log_hparams(hparams_from_config(run.config, hparam_keys(self.hparams, job.swept), job.choices),
-                            hparam_metric_tags(run.class_names, run.config["optimized_metric"], run.pixel_share),
+                            hparam_metric_tags(run.class_names, run.config["optimized_metric"], run.pixel_share,
+                                               val_present),
                             experiment=not job.multirun)
         if self.num_overlays > 0:
             picks = select_overlay_indices(run.val_stats.presence, run.pixel_share, self.num_overlays)
