@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
+CONFIG_DIR = str(ROOT / "src" / "train_seg" / "configs")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

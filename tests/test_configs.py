@@ -9,7 +9,7 @@ from train_seg import build
 from train_seg.data.class_stats import compute_class_stats
 from train_seg.weighting import class_weights
 
-GROUPS = ROOT / "configs"
+GROUPS = ROOT / "src" / "train_seg" / "configs"
 
 
 def options(group: str) -> list[str]:

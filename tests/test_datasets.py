@@ -44,7 +44,7 @@ from train_seg.data.transforms import ClassAwareRandomCrop, dominant_class_share
 from train_seg.data.voc import VOC_CLASSES, VOC_PALETTE, VOCSegmentation
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASET_CONFIGS = ROOT / "configs" / "dataset"
+DATASET_CONFIGS = ROOT / "src" / "train_seg" / "configs" / "dataset"
 
 
 def folder_source(split, root, **options):

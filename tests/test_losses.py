@@ -25,7 +25,7 @@ from train_seg.losses.base import SegmentationLoss
 
 IGNORE = 255
 ROOT = Path(__file__).resolve().parents[1]
-LOSS_CONFIGS = sorted((ROOT / "configs" / "loss").glob("*.yaml"))
+LOSS_CONFIGS = sorted((ROOT / "src" / "train_seg" / "configs" / "loss").glob("*.yaml"))
 
 W3 = [0.5, 1.0, 2.0]  # class weights for the 3-class losses below
 MULTICLASS = {  # name -> factory of a 3-class loss
@@ -825,7 +825,7 @@ def test_loss_config_instantiates_and_runs(path):
 
 def test_weighted_sum_from_hydra_recursive_instantiate():
     cfg = OmegaConf.merge(OmegaConf.create({"dataset": {"ignore_index": IGNORE}}),
-                          {"loss": OmegaConf.load(ROOT / "configs" / "loss" / "ce_dice.yaml")})
+                          {"loss": OmegaConf.load(ROOT / "src" / "train_seg" / "configs" / "loss" / "ce_dice.yaml")})
     loss = hydra.utils.instantiate(cfg.loss)
     logits, target = batch(c=4, seed=18)
     assert torch.isfinite(loss(logits, target)) and set(loss.last_terms) == {"ce", "dice"}

@@ -107,14 +107,14 @@ def readme_text(value) -> str:
 def composed(*overrides: str) -> dict:
     """The composed config of `python -m train_seg <overrides>`, interpolations left unresolved."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(ROOT / "configs").resolve()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(Path(ROOT / "src" / "train_seg" / "configs").resolve()), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
     GlobalHydra.instance().clear()
     return OmegaConf.to_container(cfg, resolve=False)
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (ROOT / "src" / "train_seg" / "configs" / group).glob("*.yaml"))
 
 
 def suggested_row(key: str, value) -> str:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+# inside the package, so an installed wheel finds them (a checkout installed with -e edits them in place)
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 # what bad input raises (ConfigError, DatasetError, ModelError, CheckpointError, RecordError are ValueErrors)
 USER_ERRORS = (ValueError, FileNotFoundError)
 

@@ -1,0 +1,186 @@
+"""The one place that turns config nodes into objects (``hydra.utils.instantiate``). Every other module receives
+plain objects and knows nothing of Hydra or OmegaConf.
+
+Errors raised by a constructor (``DatasetError``, ``ModelError``, ``ValueError`` from a loss...) come out
+unwrapped, so the user sees the constructor's own one-paragraph message, not Hydra's wrapper.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import random
+import sys
+
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from torch import nn
+
+from train_seg.config import ConfigError
+from train_seg.data.base import SegmentationDataset, SegmentationSource
+
+# Keys of a dataset node that are not constructor arguments.
+RESERVED_DATASET_KEYS = ("transforms", "name")
+# Key of a loss (term) node: false keeps that term unweighted even when a weighting scheme is selected.
+CLASS_WEIGHTS_KEY = "class_weights"
+WEIGHTED_SUM = "train_seg.losses.WeightedSum"
+
+
+def _plain(node, key: str) -> dict:
+    """Resolves a config node into a plain dict, turning a missing mandatory value into a ConfigError."""
+    try:
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True) if isinstance(node, DictConfig) else dict(node)
+    except MissingMandatoryValue as exc:
+        missing = f"{key}.{exc.key}" if getattr(exc, "key", None) else key
+        raise ConfigError(f"{missing} is required but not set: pass it on the command line, e.g. `{missing}=...`.") from exc
+
+
+def _instantiate(spec: dict, key: str, **kwargs):
+    try:
+        return instantiate(spec, **kwargs, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError, TypeError)):
+            if isinstance(cause, TypeError):
+                raise ConfigError(f"{key}: {cause}. Check the keys of `{key}` (see the config file's comments).") from cause
+            raise cause
+        raise ConfigError(f"{key}: could not build {spec.get('_target_')!r}: {exc}") from exc
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+def build_source(dataset_cfg, split: str) -> SegmentationSource:
+    spec = {k: v for k, v in _plain(dataset_cfg, "dataset").items() if k not in RESERVED_DATASET_KEYS}
+    return _instantiate(spec, "dataset", split=split)
+
+
+def build_transform(dataset_cfg, split: str, seed: int):
+    """``albumentations.Compose`` of the ``dataset.transforms.<split>`` list (None when the list is empty).
+    The Compose gets its own seed: albumentations ignores the global RNGs."""
+    import albumentations as A
+
+    transforms = _plain(dataset_cfg, "dataset").get("transforms") or {}
+    specs = transforms.get(split) or []
+    if not specs:
+        return None
+    steps = [_instantiate(spec, f"dataset.transforms.{split}[{i}]") for i, spec in enumerate(specs)]
+    return A.Compose(steps, seed=seed)
+
+
+def build_sampler(sampler_cfg, presence: np.ndarray, seed: int):
+    spec = _plain(sampler_cfg, "sampler")
+    if spec.get("_target_") is None:
+        return None
+    return _instantiate(spec, "sampler", presence=presence, seed=seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seeds python, numpy and the dataset's albumentations pipeline from the worker's torch seed, which the
+    DataLoader derives from its (per-epoch reseeded) generator: augmentation is reproducible per epoch."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(seed)
+
+
+def build_loaders(trainer_cfg, train_set: SegmentationDataset, val_set: SegmentationDataset, sampler, device,
+                  generator: torch.Generator):
+    workers = int(trainer_cfg.num_workers)
+    pin = device.type == "cuda" if trainer_cfg.pin_memory == "auto" else bool(trainer_cfg.pin_memory)
+    common = dict(num_workers=workers, pin_memory=pin, worker_init_fn=seed_worker,
+                  persistent_workers=bool(trainer_cfg.persistent_workers) and workers > 0)
+    if workers > 0 and sys.platform.startswith("linux"):
+        # An explicit fork context: inside hydra-joblib-launcher's loky workers the default context cannot start
+        # DataLoader workers ("'Process' object has no attribute 'env'"); fork is also torch's usual choice here.
+        common["multiprocessing_context"] = multiprocessing.get_context("fork")
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=int(trainer_cfg.batch_size), shuffle=sampler is None, sampler=sampler,
+        drop_last=True,  # BatchNorm in the ASPP pooling branch cannot train on a batch of one
+        generator=generator, **common,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=int(trainer_cfg.val_batch_size), shuffle=False, drop_last=False, **common
+    )
+    return train_loader, val_loader
+
+
+# -- model -----------------------------------------------------------------------------------------------------
+def build_model(model_cfg, num_classes: int) -> nn.Module:
+    return _instantiate(_plain(model_cfg, "model"), "model", num_classes=num_classes)
+
+
+# -- loss ------------------------------------------------------------------------------------------------------
+def build_criterion(loss_cfg, class_weights: torch.Tensor | None) -> nn.Module:
+    """Builds the loss; ``class_weights`` go as ``weight=`` to every term whose constructor takes ``weight``
+    (unless the term sets ``class_weights: false`` or its own ``weight``). A ``WeightedSum`` node builds each of its
+    ``terms`` the same way."""
+    return _build_loss(_plain(loss_cfg, "loss"), class_weights, "loss")
+
+
+def _build_loss(spec: dict, class_weights, key: str) -> nn.Module:
+    """Builds the loss node at ``key``. ``class_weights`` go as ``weight=`` to a loss class that declares
+    ``takes_class_weights = True`` (every shipped loss whose constructor accepts ``weight``), unless the node sets
+    ``class_weights: false`` or its own ``weight``. A class without that attribute (e.g. a user's own loss) gets
+    no class weights, whatever its constructor accepts: declare ``takes_class_weights = True`` to receive them.
+    A ``WeightedSum`` node builds each of its ``terms`` this way."""
+    spec = dict(spec)
+    target = spec.get("_target_")
+    if not target:
+        raise ConfigError(f"{key} has no _target_: pick a loss with `loss=<name>` (see configs/loss/).")
+    if target == WEIGHTED_SUM:
+        terms = spec.get("terms") or {}
+        if not terms:
+            raise ConfigError(f"{key}.terms is empty: a WeightedSum needs at least one term.")
+        built = {name: _build_loss(term, class_weights, f"{key}.terms.{name}") for name, term in terms.items()}
+        return _instantiate({"_target_": target, "weights": spec.get("weights") or {}}, key, terms=built)
+    use_weights = spec.pop(CLASS_WEIGHTS_KEY, True)
+    try:
+        cls = get_class(target)
+    except Exception as exc:
+        raise ConfigError(f"{key}._target_={target!r} cannot be imported ({exc}).") from exc
+    kwargs = {}
+    if use_weights and class_weights is not None and spec.get("weight") is None:
+        if getattr(cls, "takes_class_weights", False) is True:
+            spec.pop("weight", None)
+            kwargs["weight"] = class_weights.clone()
+    return _instantiate(spec, key, **kwargs)
+
+
+# -- reporting -------------------------------------------------------------------------------------------------
+def build_sinks(logger_cfg) -> list:
+    """The sinks of ``logger`` (a mapping name -> ``{_target_: ...}``; null entries are off), in config order,
+    then the run-files sink (checkpoints, metrics.json), which is always on and always last."""
+    from train_seg.sinks import RunFilesSink
+
+    spec = _plain(logger_cfg, "logger") if logger_cfg is not None else {}
+    sinks = []
+    for name, node in spec.items():
+        if node is None or node is False:
+            continue
+        if not isinstance(node, dict) or not node.get("_target_"):
+            raise ConfigError(
+                f"logger.{name}={node!r} is not a sink: each logger entry is a mapping with a `_target_` class "
+                f"(e.g. +logger.{name}._target_=my_module.MySink), or null to turn it off."
+            )
+        sinks.append(_instantiate(node, f"logger.{name}"))
+    return sinks + [RunFilesSink()]
+
+
+# -- optimisation ----------------------------------------------------------------------------------------------
+def build_optimizer(optimizer_cfg, model: nn.Module) -> torch.optim.Optimizer:
+    spec = _plain(optimizer_cfg, "optimizer")
+    spec["_partial_"] = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _instantiate(spec, "optimizer")(params)
+
+
+def build_scheduler(scheduler_cfg, optimizer: torch.optim.Optimizer, total_steps: int):
+    spec = _plain(scheduler_cfg, "scheduler")
+    if spec.get("_target_") is None:
+        return None
+    spec["_partial_"] = True
+    return _instantiate(spec, "scheduler")(optimizer, total_steps=total_steps)
