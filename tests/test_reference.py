@@ -76,6 +76,10 @@ def normalized(value):
     if isinstance(value, str):
         text = unquote(value)
         lowered = text.lower()
+        if text.startswith("[") and text.endswith("]"):  # a list written in YAML flow style
+            import yaml
+
+            return normalized(yaml.safe_load(text))
         if lowered in ("null", "none", "~"):
             return ("null",)
         if lowered in ("true", "false"):
@@ -90,6 +94,8 @@ def normalized(value):
         return ("bool", value)
     if isinstance(value, (int, float)):
         return ("number", float(value))
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return ("list", tuple(normalized(v) for v in value))
     return ("other", repr(value))
 
 

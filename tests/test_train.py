@@ -173,3 +173,20 @@ def test_an_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
 def test_head_loss_and_dataset_must_agree(make_cfg, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         prepare(make_cfg(*overrides), tmp_path / "run")
+
+
+def test_sliding_window_and_tta_in_training_evaluation(make_cfg, tmp_path):
+    """trainer.eval_mode=slide with one 64-px window over the 64-px images is the whole-image evaluation exactly;
+    flip TTA changes the evaluation only (the same training, finite metrics); bad scales fail before training."""
+    whole = train(make_cfg("trainer.max_steps=3", f"paths.output_dir={tmp_path / 'w'}"), tmp_path / "w")
+    slide = train(make_cfg("trainer.max_steps=3", "trainer.eval_mode=slide", "trainer.eval_window=64",
+                           f"paths.output_dir={tmp_path / 's'}"), tmp_path / "s")
+    assert slide["final"]["per_class"] == whole["final"]["per_class"]
+    flip = train(make_cfg("trainer.max_steps=3", "trainer.eval_flip=true", "trainer.eval_scales=[0.5,1.0]",
+                          f"paths.output_dir={tmp_path / 'f'}"), tmp_path / "f")
+    assert flip["history"][-1]["train/loss"] == whole["history"][-1]["train/loss"]
+    assert all(0.0 <= v["recall"] <= 1.0 for v in flip["final"]["per_class"].values() if v["recall"] is not None)
+    with pytest.raises(ConfigError, match=r"trainer\.eval_scales"):
+        prepare(make_cfg("trainer.eval_scales=[0]"), tmp_path / "bad")
+    with pytest.raises(ConfigError, match=r"trainer\.eval_mode"):
+        prepare(make_cfg("trainer.eval_mode=tiles"), tmp_path / "bad")
