@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from train_seg.engine import autocast, train_one_epoch
+from train_seg.engine import LoopSettings, autocast, train_one_epoch
 from train_seg.losses import CrossEntropyLoss
 from train_seg.models import build_deeplabv3
 
@@ -73,8 +73,8 @@ def main() -> None:
     bare = bare_steps(model, criterion, optimizer, scaler, batch, device, torch.bfloat16, args.steps, False)
     loader = [batch] * args.steps
     tic = time.perf_counter()
-    train_one_epoch(model, criterion, optimizer, None, scaler, loader, device, epoch=0, global_step=0,
-                    amp_dtype=torch.bfloat16, log_every=10, progress=False)
+    settings = LoopSettings(device=device, amp_dtype=torch.bfloat16, log_every=10, progress=False)
+    train_one_epoch(model, criterion, optimizer, None, scaler, loader, settings, epoch=0, global_step=0)
     engine = (time.perf_counter() - tic) / args.steps
     print(f"train_one_epoch bf16: {engine:.3f} s/step vs bare {bare:.3f} s/step ({100 * (engine / bare - 1):+.1f}%)")
 

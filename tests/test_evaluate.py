@@ -259,3 +259,15 @@ def test_cli_bad_input_exits_2_with_one_paragraph(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("train_seg.evaluate: error: ") and "no such checkpoint" in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_a_sweep_job_directory_is_a_valid_ckpt_argument():
+    """Sweep job directories hold `=` and `,` (`3_seed=0,weighting=sqrt_inverse`): ckpt= is quoted for Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from train_seg.evaluate import command_line_overrides
+
+    path = "/runs/3_seed=0,weighting=sqrt_inverse/best.pt"
+    (override,) = OverridesParser.create().parse_overrides(command_line_overrides([f"ckpt={path}"]))
+    assert override.key_or_group == "ckpt" and override.value() == path and not override.is_sweep_override()
+    assert command_line_overrides(["ckpt='/a b'"]) == ["ckpt='/a b'"]  # already quoted: left alone

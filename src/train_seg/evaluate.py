@@ -331,10 +331,23 @@ def write_outputs(output_dir: Path, payload: record.RunRecord, result: EvalResul
 
 
 # -- the command line ------------------------------------------------------------------------------------------
+def quote_path(arg: str, key: str = "ckpt") -> str:
+    """``ckpt=<path>`` quoted for Hydra's override grammar: sweep job directories are named like
+    ``3_seed=0,weighting=sqrt_inverse``, and an unquoted ``=`` or ``,`` would be a syntax error or a sweep."""
+    prefix = f"{key}="
+    if not arg.startswith(prefix) or arg[len(prefix):][:1] in ("'", '"'):
+        return arg
+    if re.fullmatch(r"[\w./~:@%+-]*", arg[len(prefix):]):  # nothing Hydra's grammar would read as syntax
+        return arg
+    value = arg[len(prefix):].replace("\\", "\\\\").replace("'", "\\'")
+    return f"{prefix}'{value}'"
+
+
 def command_line_overrides(args: Sequence[str]) -> list[str]:
-    """Without a dataset option on the command line, ``dataset.<key>=value`` sets a key of the checkpoint's own
-    dataset config: it goes to Hydra as ``++dataset.<key>=value`` (the node is empty until the checkpoint is read)."""
-    args = list(args)
+    """``ckpt=<path>`` is quoted (``quote_path``). Without a dataset option on the command line,
+    ``dataset.<key>=value`` sets a key of the checkpoint's own dataset config: it goes to Hydra as
+    ``++dataset.<key>=value`` (the node is empty until the checkpoint is read)."""
+    args = [quote_path(arg) for arg in args]
     if any(re.match(r"^\+{0,2}dataset=", arg) for arg in args):
         return args
     return ["++" + arg if arg.startswith("dataset.") and "=" in arg else arg for arg in args]

@@ -37,7 +37,16 @@ def validate_config(cfg) -> None:
             message = check.error(key, value)
             _require(message is None, message)
     _check_head_and_loss(cfg)
+    _check_eval_scales(cfg.trainer.eval_scales)
     resolve_precision(cfg.trainer.precision, resolve_device(cfg.trainer.device))
+
+
+def _check_eval_scales(scales) -> None:
+    values = list(scales) if scales is not None else []
+    ok = bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                              for v in values)
+    _require(ok, f"trainer.eval_scales={values}: must be a non-empty list of numbers > 0, e.g. [1.0] (no "
+                 "test-time scaling) or [0.75,1.0,1.25].")
 
 
 def _is_binary_loss(target: str) -> bool:

@@ -137,15 +137,19 @@ def _window_scalars(window_sum: torch.Tensor, term_sums: dict, steps: int, optim
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, num_classes: int, settings: LoopSettings, desc: str = "eval") -> ConfusionMatrix:
-    """Accumulates one confusion matrix over the whole loader (on the device), reduced across processes once."""
+def evaluate(model: nn.Module, loader, num_classes: int, settings: LoopSettings, desc: str = "eval",
+             infer: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> ConfusionMatrix:
+    """Accumulates one confusion matrix over the whole loader (on the device), reduced across processes once.
+    ``infer(model, images) -> logits`` replaces the plain ``predict_batch`` (sliding windows, test-time
+    augmentation: ``train_seg.inference.infer_logits``)."""
     model.eval()
     confusion = ConfusionMatrix(num_classes, device=settings.device)
     tic = time.perf_counter()
     seen = 0
     bar = tqdm(loader, desc=desc, disable=not settings.progress, dynamic_ncols=True, leave=False)
     for images, targets in bar:
-        logits = predict_batch(model, images, settings.device, settings.amp_dtype, settings.channels_last)
+        logits = (predict_batch(model, images, settings.device, settings.amp_dtype, settings.channels_last)
+                  if infer is None else infer(model, images))
         confusion.update(predictions(logits), targets.to(settings.device, non_blocking=True))
         seen += images.shape[0]
         bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.1f}", refresh=False)

@@ -149,6 +149,18 @@ class TrainerConfig:
         False, "store the model and batches channels_last (faster convolutions on recent CPUs and on CUDA)")
     eval_every: int = setting(1, "validate every N epochs (and always after the last one); every epoch by default, so curves have a point per epoch",
                               Check(min=1, note=" (epochs)"))
+    eval_mode: str = setting(
+        "whole", "inference of training's evaluation: whole (one forward pass per batch) or slide (sliding windows, "
+                 "train_seg.inference)", Check(choices=("whole", "slide")))
+    eval_window: int = setting(512, "eval_mode=slide: side of the square windows, px", Check(min=8))
+    eval_overlap: float = setting(0.5, "eval_mode=slide: overlap of neighbouring windows (stride = window x (1 - "
+                                       "overlap))", Check(min=0, lt=1))
+    eval_blend: str = setting("uniform", "eval_mode=slide: how overlapping window logits are averaged",
+                              Check(choices=("uniform", "gaussian")))
+    eval_flip: bool = setting(False, "test-time augmentation in training's evaluation: average with the "
+                                     "horizontally flipped image's logits")
+    eval_scales: list = setting([1.0], "test-time augmentation in training's evaluation: input scales whose "
+                                       "logits are averaged, e.g. [0.75,1.0,1.25]")
     log_every: int = setting(10, "log train/loss and train/lr every N steps (the only host syncs of the hot loop)",
                              Check(min=1, note=" (steps)"))
     progress: bool = setting(True, "tqdm progress bars (loss, lr, images/s)")

@@ -214,8 +214,25 @@ def _check_finite(mean_loss: float, epoch: int) -> None:
         )
 
 
+def eval_inference(trainer: dict, settings: LoopSettings):
+    """``infer(model, images)`` for ``engine.evaluate`` from the ``trainer.eval_*`` keys; None = the plain forward
+    pass (the default: whole image, no test-time augmentation)."""
+    scales = tuple(float(s) for s in trainer["eval_scales"])
+    if trainer["eval_mode"] == "whole" and not trainer["eval_flip"] and scales == (1.0,):
+        return None
+    from functools import partial
+
+    from train_seg.inference import infer_logits
+
+    return partial(infer_logits, device=settings.device, amp_dtype=settings.amp_dtype,
+                   channels_last=settings.channels_last, mode=trainer["eval_mode"], window=int(trainer["eval_window"]),
+                   overlap=float(trainer["eval_overlap"]), blend=trainer["eval_blend"], flip=bool(trainer["eval_flip"]),
+                   scales=scales, batch_size=int(trainer["val_batch_size"]))
+
+
 def _evaluate(run: Run, epoch: int) -> EvalResult:
-    confusion = evaluate(run.model, run.val_loader, len(run.class_names), run.settings, desc=f"eval {epoch}")
+    confusion = evaluate(run.model, run.val_loader, len(run.class_names), run.settings, desc=f"eval {epoch}",
+                         infer=eval_inference(run.config["trainer"], run.settings))
     return EvalResult(epoch, run.global_step, confusion.matrix.cpu(), run.class_names, run.pixel_share, run.rare)
 
 
