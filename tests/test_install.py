@@ -2,6 +2,7 @@
 user's own composed from outside the package (slow: builds a wheel and a venv; still run in CI)."""
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -26,8 +27,12 @@ def installed(tmp_path_factory):
     """A wheel of this checkout installed with --no-deps into a fresh venv; the venv finds torch & co. (already
     installed in the test interpreter's environment) through a .pth file, and never sees the source tree."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # build from a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "build", "dist",
+                                                                 "*.egg-info", "__pycache__", ".pytest_cache"))
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                  str(tmp / "dist"), str(ROOT)], cwd=tmp)
+                  str(tmp / "dist"), str(source)], cwd=tmp)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("train_seg-*.whl")
     venv = tmp / "venv"
