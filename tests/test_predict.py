@@ -16,22 +16,12 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, cli_env
-from test_inference import ConvModel, trained_run
+from test_inference import ConvModel, loaded, run_dir  # noqa: F401  (module fixtures: the tiny trained run)
 from train_seg import inference
-from train_seg.inference import load_checkpoint_model, predict
+from train_seg.inference import predict
 from train_seg.predict import class_palette, default_palette, main, output_stems
 
 CLASSES = ["background", "lake", "road", "car"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def loaded(run_dir):
-    return load_checkpoint_model(run_dir / "last.pt")
 
 
 def env() -> dict:

@@ -432,17 +432,9 @@ def read_image(path: Path) -> np.ndarray:
 # -- outputs ----------------------------------------------------------------------------------------------------
 def default_palette(count: int) -> list[list[int]]:
     """The PASCAL VOC colour map (bits of the index spread over R, G, B): distinct colours for any class count."""
-    colours = []
-    for index in range(count):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= ((c >> 0) & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        colours.append([r, g, b])
-    return colours
+    from train_seg.data.voc import voc_colormap
+
+    return [list(colour) for colour in voc_colormap(count)]
 
 
 def class_palette(palette: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
