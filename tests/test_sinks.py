@@ -223,3 +223,15 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (path.stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+def test_link_or_copy_keeps_the_target_when_the_source_is_replaced(tmp_path):
+    from train_seg.atomic import atomic_write, link_or_copy
+
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_write(last, lambda handle: handle.write(b"epoch 1"), binary=True)
+    link_or_copy(last, best)
+    atomic_write(last, lambda handle: handle.write(b"epoch 2"), binary=True)  # the next epoch's last.pt
+    assert best.read_bytes() == b"epoch 1" and last.read_bytes() == b"epoch 2"
+    link_or_copy(last, best)
+    assert best.read_bytes() == b"epoch 2" and sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

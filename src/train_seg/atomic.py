@@ -34,6 +34,24 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
     return path
 
 
+def link_or_copy(source: str | Path, target: str | Path) -> Path:
+    """``target`` becomes a file with ``source``'s content, atomically: a hard link renamed over ``target`` (no
+    copy; a later ``os.replace`` of ``source`` gives ``source`` a new inode and leaves ``target`` as it was), or,
+    where the file system has no hard links, an ``atomic_write`` copy."""
+    import shutil
+
+    source, target = Path(source), Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+        with source.open("rb") as handle:
+            atomic_write(target, lambda out: shutil.copyfileobj(handle, out), binary=True)
+    return target
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -5,7 +5,7 @@ the loop raised. Always on, and always the last sink, so the files describe ever
 from __future__ import annotations
 
 from train_seg import record
-from train_seg.atomic import atomic_write
+from train_seg.atomic import atomic_write, link_or_copy
 from train_seg.checkpoint import save_checkpoint
 from train_seg.events import EpochEnd, EvalResult, Sink
 from train_seg.sinks._figures import per_class_figure
@@ -29,10 +29,9 @@ class RunFilesSink(Sink):
 
     def on_epoch_end(self, end: EpochEnd) -> None:
         run = self.run
-        state = run.checkpoint_state(end.epoch)  # captured once: best.pt of this epoch is the same state
-        if end.improved:
-            save_checkpoint(run.run_dir / "best.pt", state)
-        save_checkpoint(run.run_dir / "last.pt", state)
+        last = save_checkpoint(run.run_dir / "last.pt", run.checkpoint_state(end.epoch))
+        if end.improved:  # the same state: link (or copy) the file just written instead of serialising it again
+            link_or_copy(last, run.run_dir / "best.pt")
         record.write(run.run_dir, run.record("running", self.final))
 
     def on_train_end(self, run) -> None:
