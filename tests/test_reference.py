@@ -241,7 +241,7 @@ def test_normalisation():
 
 def test_a_wrong_default_or_a_missing_row_is_caught(tmp_path, monkeypatch):
     text = README.read_text(encoding="utf-8")
-    wrong = text.replace("| `max_epochs` | 12 |", "| `max_epochs` | 13 |", 1)
+    wrong = text.replace("| `max_epochs` | 8 |", "| `max_epochs` | 13 |", 1)
     missing = re.sub(r"\n\| `log_every` \|[^\n]*", "", text, count=1)
     assert wrong != text and missing != text
     trainer = composed()["trainer"]

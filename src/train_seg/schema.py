@@ -118,7 +118,7 @@ class TrainerConfig:
     """``trainer``: the training loop (configs/trainer/default.yaml extends this). Training stops at max_epochs or
     max_steps, whichever comes first."""
 
-    max_epochs: int = setting(12, "epochs", Check(min=1))
+    max_epochs: int = setting(8, "epochs (8: the schedule of the embedded demo and its sweeps)", Check(min=1))
     max_steps: Optional[int] = setting(None, "optimisation steps; null = no step limit",
                                        Check(min=1, note=" or null (no step limit)"))
     batch_size: int = setting(
