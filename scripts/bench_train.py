@@ -1,32 +1,57 @@
-"""Training-step throughput of the real engine path (forward + loss + backward + optimizer step) on this machine.
+"""Training-step throughput on this machine: the bare model step against our whole step over the real data pipeline.
 
     python scripts/bench_train.py [--arch deeplabv3_mobilenet_v3_large] [--size 128] [--batch 8] [--steps 12]
+                                  [--precision auto|32|bf16-mixed|16-mixed] [--channels-last true|false]
+                                  [--workers auto|N] [--only variants|pipeline|all]
 
-Prints the median step time and images/s for fp32, bf16 autocast and channels_last (CUDA adds fp16 + GradScaler),
-and the overhead of train_one_epoch over a bare model step (loss accumulation, logging, scheduler).
+Two parts, in one process:
+
+1. ``variants`` (as before): the median step time and images/s of a bare model step (forward, loss, backward,
+   SGD step on one fixed random batch) for fp32, bf16 autocast and channels_last (CUDA adds fp16 + GradScaler),
+   and the overhead of ``train_one_epoch`` over that bare step on the same fixed batch.
+2. ``pipeline``: the question a user asks, "does the tool cost more than the model?". The bare torchvision step
+   (``torchvision.models.segmentation.<arch>``, ``F.cross_entropy``, ``loss.backward()``, ``SGD.step()`` on a
+   fixed batch, 21 classes) against our whole step: a Pascal-VOC-layout dataset of JPEG images and PNG masks
+   (500x375, written to a temporary folder) read through train_seg's own dataset, transform and loader builders
+   (``train_seg.train.prepare`` with ``dataset=voc``, crop = ``--size``), trained by ``engine.train_one_epoch``
+   with the run's loss, optimizer, scheduler and settings. Same precision and memory format on both sides
+   (``--precision`` / ``--channels-last``, default: the trainer's defaults). Prints both s/step (medians over
+   the steps after ``--warmup``), ``ratio`` = ours / bare, and the share of our step time spent blocked in
+   ``next(loader)`` (waiting for data). Worker start-up (the first batch of the epoch) is printed on its own.
+
+Timings need a quiet machine: run it alone.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from train_seg.engine import LoopSettings, autocast, train_one_epoch
-from train_seg.losses import CrossEntropyLoss
-from train_seg.models import build_deeplabv3
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench_common, also when imported from elsewhere
+
+from _bench_common import TimedLoader, prepare_our_run, write_voc_dataset  # noqa: E402
+
+from train_seg.engine import LoopSettings, autocast, train_one_epoch  # noqa: E402
+from train_seg.losses import CrossEntropyLoss  # noqa: E402
+from train_seg.models import build_deeplabv3  # noqa: E402
 
 
-def bare_steps(model, criterion, optimizer, scaler, batch, device, dtype, steps, channels_last):
+def bare_steps(model, criterion, optimizer, scaler, batch, device, dtype, steps, channels_last, warmup=2):
     images, targets = batch
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = images.to(device).contiguous(memory_format=memory_format)
+    targets = targets.to(device)
     times = []
-    for _ in range(steps):
+    for _ in range(steps + warmup):
         tic = time.perf_counter()
         with autocast(device, dtype):
-            loss = criterion(model(images)["out"], targets.to(device))
+            loss = criterion(model(images)["out"], targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -34,49 +59,126 @@ def bare_steps(model, criterion, optimizer, scaler, batch, device, dtype, steps,
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - tic)
-    return statistics.median(times[2:])
+    return statistics.median(times[warmup:])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="deeplabv3_mobilenet_v3_large")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=12)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def variants(args, device) -> None:
     torch.manual_seed(0)
     batch = (torch.randn(args.batch, 3, args.size, args.size),
              torch.randint(0, args.classes, (args.batch, args.size, args.size)))
-    variants = [("fp32", None, False), ("bf16", torch.bfloat16, False), ("fp32 channels_last", None, True),
-                ("bf16 channels_last", torch.bfloat16, True)]
+    rows = [("fp32", None, False), ("bf16", torch.bfloat16, False), ("fp32 channels_last", None, True),
+            ("bf16 channels_last", torch.bfloat16, True)]
     if device.type == "cuda":
-        variants.append(("fp16 + GradScaler", torch.float16, False))
+        rows.append(("fp16 + GradScaler", torch.float16, False))
     print(f"{args.arch}, batch {args.batch}, {args.size} px, {args.classes} classes, {device}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'variant':<22} {'step s':>8} {'img/s':>8}")
     criterion = CrossEntropyLoss()
-    for name, dtype, channels_last in variants:
+    for name, dtype, channels_last in rows:
         model = build_deeplabv3(args.arch, args.classes).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        step = bare_steps(model, criterion, optimizer, scaler, batch, device, dtype, args.steps, channels_last)
+        step = bare_steps(model, criterion, optimizer, scaler, batch, device, dtype, args.steps, channels_last,
+                          args.warmup)
         print(f"{name:<22} {step:8.3f} {args.batch / step:8.1f}")
 
     # engine overhead: the same steps through train_one_epoch (bf16), against the bare loop above
     model = build_deeplabv3(args.arch, args.classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    bare = bare_steps(model, criterion, optimizer, scaler, batch, device, torch.bfloat16, args.steps, False)
+    bare = bare_steps(model, criterion, optimizer, scaler, batch, device, torch.bfloat16, args.steps, False,
+                      args.warmup)
     loader = [batch] * args.steps
     tic = time.perf_counter()
     settings = LoopSettings(device=device, amp_dtype=torch.bfloat16, log_every=10, progress=False)
     train_one_epoch(model, criterion, optimizer, None, scaler, loader, settings, epoch=0, global_step=0)
     engine = (time.perf_counter() - tic) / args.steps
     print(f"train_one_epoch bf16: {engine:.3f} s/step vs bare {bare:.3f} s/step ({100 * (engine / bare - 1):+.1f}%)")
+
+
+def _overrides(args) -> list[str]:
+    overrides = [f"model.arch={args.arch}", f"dataset.transforms.crop_size={args.size}",
+                 f"trainer.batch_size={args.batch}"]
+    for key, value in (("precision", args.precision), ("channels_last", args.channels_last),
+                       ("num_workers", args.workers)):
+        if value is not None:
+            overrides.append(f"trainer.{key}={value}")
+    return overrides + list(args.override)
+
+
+def bare_torchvision_step(arch: str, size: int, batch: int, settings: LoopSettings, steps: int, warmup: int):
+    """Median s/step of torchvision's own model, plain ``F.cross_entropy`` and SGD on one fixed batch, with the
+    autocast dtype and memory format of ``settings``."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, weights_backbone=None, num_classes=21)
+    model.to(settings.device, memory_format=settings.memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.amp_dtype == torch.float16)
+    fixed = (torch.randn(batch, 3, size, size), torch.randint(0, 21, (batch, size, size)))
+
+    def criterion(logits, target):
+        return F.cross_entropy(logits, target, ignore_index=255)
+
+    step = bare_steps(model, criterion, optimizer, scaler, fixed, settings.device, settings.amp_dtype, steps,
+                      settings.channels_last, warmup)
+    del model, optimizer
+    return step
+
+
+def pipeline(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        work = Path(tmp)
+        root = write_voc_dataset(work / "data", num_train=args.batch * (args.steps + args.warmup), num_val=2)
+        run = prepare_our_run(root, work, _overrides(args))
+        settings = run.settings
+        bare = bare_torchvision_step(args.arch, args.size, args.batch, settings, args.steps, args.warmup)
+
+        loader = TimedLoader(run.train_loader)
+        run.train_set.reseed(int(run.config["seed"]))
+        train_one_epoch(run.model, run.criterion, run.optimizer, run.scheduler, run.scaler, loader, settings,
+                        epoch=0, global_step=0)
+        durations, waits = loader.cycles(skip=args.warmup)
+        first_batch = loader.received[0] - loader.requested[0]
+    ours = statistics.median(durations)
+    wait_share = sum(waits) / sum(durations)
+    trainer = run.config["trainer"]
+    precision = {None: "32", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[settings.amp_dtype]
+    print(f"\npipeline: {args.arch}, VOC-layout JPEG/PNG 500x375 -> crop {args.size}, batch {args.batch}, "
+          f"precision {precision}, channels_last {settings.channels_last}, workers {run.train_loader.num_workers} "
+          f"(trainer.num_workers={trainer['num_workers']}), {torch.get_num_threads()} threads, {settings.device}; "
+          f"medians over {len(durations)} steps after {args.warmup} warm-up")
+    print(f"bare torchvision step   {bare:8.3f} s/step {args.batch / bare:8.1f} img/s")
+    print(f"our epoch step          {ours:8.3f} s/step {args.batch / ours:8.1f} img/s")
+    print(f"ratio {ours / bare:.3f} (ours / bare; mean-based {statistics.mean(durations) / bare:.3f})")
+    print(f"data wait {100 * wait_share:.1f}% of our step time (blocked in next(loader)); "
+          f"first batch of the epoch (worker start-up) {first_batch:.2f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="deeplabv3_mobilenet_v3_large")
+    parser.add_argument("--size", type=int, default=128, help="image side of the fixed batch / training crop, px")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=4, help="variants part only (the pipeline has VOC's 21)")
+    parser.add_argument("--steps", type=int, default=12, help="measured steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the medians")
+    parser.add_argument("--precision", default=None, help="pipeline part: trainer.precision (default: trainer's)")
+    parser.add_argument("--channels-last", default=None, choices=("true", "false"),
+                        help="pipeline part: trainer.channels_last (default: trainer's)")
+    parser.add_argument("--workers", default=None, help="pipeline part: trainer.num_workers (default: trainer's)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="pipeline part: any further Hydra override of our run (repeatable)")
+    parser.add_argument("--only", choices=("variants", "pipeline", "all"), default="all")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.only in ("variants", "all"):
+        variants(args, device)
+    if args.only in ("pipeline", "all"):
+        pipeline(args)
 
 
 if __name__ == "__main__":
