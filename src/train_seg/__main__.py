@@ -1,7 +1,9 @@
 """``python -m train_seg`` / ``train-seg``: the Hydra entry point.
 
-Returns the best value of ``optimized_metric`` (so Hydra sweepers can optimise it). Bad input (config, dataset,
-weights file, checkpoint) is reported as one paragraph on stderr and exits with status 2 before training starts.
+Returns the best value of ``optimized_metric`` (so Hydra sweepers can optimise it). Bad input (an override, a
+config value, the dataset, a weights file, a checkpoint, a run directory that cannot be written) is reported as one
+paragraph on stderr and exits with status 2 before training starts and before Hydra writes anything
+(``train_seg.preflight``); so do a sample that becomes unreadable during training and a disk that fills.
 In a multirun, any failure of a job marks that job failed (metrics.json ``status: failed``, NaN returned) and the
 other jobs go on; the sweep summary lists it and the process exits with status 1 (see ``train_seg.sweep``).
 """
@@ -17,7 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from train_seg.cli import CONFIG_DIR, USER_ERRORS, exit_with_user_error
+from train_seg import preflight
+from train_seg.atomic import DiskFullError
+from train_seg.cli import CONFIG_DIR, USER_ERRORS, exit_with_user_error, report_hydra_errors
+from train_seg.data.base import DatasetError
 
 log = logging.getLogger("train_seg")
 
@@ -30,17 +35,70 @@ def _is_multirun() -> bool:
 
 
 def run_task(cfg: DictConfig) -> float:
+    """One run (or one sweep job). Under torchrun or a multi-task SLURM step it runs inside a process group
+    (``train_seg.distributed.session``: gloo on CPU, NCCL on CUDA, destroyed on every exit path)."""
+    from train_seg import distributed
+    from train_seg.config import resolve_device
+
+    env = distributed.discover()
+    if not env.distributed:
+        return _run(cfg)
+    if _is_multirun() and env.source == "torchrun":
+        exit_with_user_error("train_seg", ValueError(
+            "-m (a sweep) under torchrun would run every job on every rank in lockstep: run the sweep without "
+            "torchrun, or launch each job with its own torchrun (or on SLURM: experiment=slurm_1node)."))
+    if env.rank > 0:
+        logging.getLogger("train_seg").setLevel(logging.WARNING)  # rank 0 reports; the others only warn
+    try:
+        device_type = resolve_device(cfg.trainer.device).type
+    except USER_ERRORS as exc:
+        exit_with_user_error("train_seg", exc)
+    with distributed.session(env, device_type, float(cfg.trainer.dist_timeout_s)):
+        log.info("distributed: %s", distributed.describe(env))
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> float:
+    from train_seg.engine import NonFiniteLossError
+    from train_seg.signals import RunInterrupted
     from train_seg.train import fit, prepare
 
     run_dir = Path(cfg.paths.output_dir)
     if _is_multirun():
         return _run_sweep_job(cfg, run_dir)
     try:
-        run = prepare(cfg, run_dir)
+        run = preflight.take(run_dir)  # prepared before Hydra wrote anything (a single run from the command line)
+        if run is None:
+            run = prepare(cfg, run_dir)
     except USER_ERRORS as exc:
         log.debug("traceback of the error above", exc_info=True)
         exit_with_user_error("train_seg", exc)
-    return _best_value(fit(run).best)
+    try:
+        return _best_value(fit(run).best)
+    except (DatasetError, DiskFullError) as exc:
+        # a sample that became unreadable during training (dataset.on_bad_sample=error), a disk that filled: the
+        # message names the file and the fix; metrics.json says failed
+        log.debug("traceback of the error above", exc_info=True)
+        exit_with_user_error("train_seg", exc)
+    except NonFiniteLossError as exc:
+        log.debug("traceback of the error above", exc_info=True)
+        print(f"train_seg: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except RunInterrupted as exc:
+        _exit_interrupted(exc, cfg, run_dir)
+
+
+def _exit_interrupted(exc, cfg: DictConfig, run_dir: Path):
+    """A stop signal: the run saved its state; one line says how to continue it, then exit 128 + the signal.
+    Under SLURM with ``trainer.requeue_on_signal=true`` the job is requeued first."""
+    from train_seg.signals import requeue_slurm_job
+
+    overrides = [o for o in HydraConfig.get().overrides.task
+                 if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
+    command = " ".join(["python -m train_seg", *overrides, "trainer.resume=auto", f"hydra.run.dir={run_dir}"])
+    requeued = requeue_slurm_job() if cfg.trainer.requeue_on_signal else None
+    print(f"train_seg: {exc}. {requeued + '. ' if requeued else ''}Continue with: {command}", file=sys.stderr)
+    sys.exit(exc.exit_code)
 
 
 def _best_value(best: dict | None) -> float:
@@ -80,6 +138,10 @@ def main():
 
         print(f"train_seg {__version__}")
         return None
+    report_hydra_errors("train_seg")  # a bad override: one paragraph and exit status 2, like every bad input
+    from train_seg.distributed import discover, hydra_overrides
+
+    sys.argv += hydra_overrides(discover())  # ranks > 0 of torchrun: no run directory, .hydra/ or log file
     return hydra_main()
 
 

@@ -8,6 +8,7 @@ never a mix.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -28,10 +29,32 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the file the mode open() would
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(path, exc) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class DiskFullError(OSError):
+    """The disk (or quota) filled while ``atomic_write`` wrote ``path``: the previous file is intact, the temp file
+    removed; the message says so and what to do."""
+
+    def __init__(self, path: Path, error: OSError):
+        previous = (f"the previous {path} is intact" if path.exists() else f"{path} was not written (there was no "
+                    "earlier version)")
+        super().__init__(error.errno, (
+            f"the disk filled while writing {path} ({error.strerror or error}): {previous} and the partial temp "
+            f"file was removed. Free space on the file system of {path.parent} (or choose another paths.output_root), "
+            f"then run again; a training run continues from its last checkpoint with trainer.resume={path.parent}."))
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def link_or_copy(source: str | Path, target: str | Path) -> Path:

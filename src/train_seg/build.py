@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import re
 import sys
 
 
@@ -20,10 +21,10 @@ from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
 from train_seg.config import ConfigError
-from train_seg.data.base import SegmentationDataset, SegmentationSource
+from train_seg.data.base import SegmentationDataset, SegmentationSource, check_on_bad_sample
 
-# Keys of a dataset node that are not constructor arguments.
-RESERVED_DATASET_KEYS = ("transforms", "name")
+# Keys of a dataset node that are not constructor arguments (``on_bad_sample`` goes to the SegmentationDataset).
+RESERVED_DATASET_KEYS = ("transforms", "name", "on_bad_sample")
 # Key of a loss (term) node: false keeps that term unweighted even when a weighting scheme is selected.
 CLASS_WEIGHTS_KEY = "class_weights"
 WEIGHTED_SUM = "train_seg.losses.WeightedSum"
@@ -52,8 +53,13 @@ def _instantiate(spec: dict, key: str, **kwargs):
 
 # -- data ------------------------------------------------------------------------------------------------------
 def build_source(dataset_cfg, split: str) -> SegmentationSource:
-    spec = {k: v for k, v in _plain(dataset_cfg, "dataset").items() if k not in RESERVED_DATASET_KEYS}
-    return _instantiate(spec, "dataset", split=split)
+    """One split of the dataset; its ``on_bad_sample`` attribute is ``dataset.on_bad_sample`` (default error), which
+    the SegmentationDataset wrapping it follows."""
+    plain = _plain(dataset_cfg, "dataset")
+    on_bad_sample = check_on_bad_sample(plain.get("on_bad_sample") or "error")
+    source = _instantiate({k: v for k, v in plain.items() if k not in RESERVED_DATASET_KEYS}, "dataset", split=split)
+    source.on_bad_sample = on_bad_sample
+    return source
 
 
 def build_transform(dataset_cfg, split: str, seed: int):
@@ -88,8 +94,12 @@ def seed_worker(worker_id: int) -> None:
 
 
 def build_loaders(trainer_cfg, train_set: SegmentationDataset, val_set: SegmentationDataset, sampler, device,
-                  generator: torch.Generator):
-    workers = int(trainer_cfg.num_workers)
+                  generator: torch.Generator, val_sampler=None):
+    """The training and validation DataLoaders; ``trainer.num_workers=auto`` is resolved by
+    ``train_seg.perf.resolve_num_workers`` (0 for in-memory data, else a share of the usable cores)."""
+    from train_seg.perf import dataset_kind, resolve_num_workers
+
+    workers = resolve_num_workers(trainer_cfg.num_workers, dataset_kind=dataset_kind(train_set))
     pin = device.type == "cuda" if trainer_cfg.pin_memory == "auto" else bool(trainer_cfg.pin_memory)
     common = dict(num_workers=workers, pin_memory=pin, worker_init_fn=seed_worker,
                   persistent_workers=bool(trainer_cfg.persistent_workers) and workers > 0)
@@ -103,14 +113,20 @@ def build_loaders(trainer_cfg, train_set: SegmentationDataset, val_set: Segmenta
         generator=generator, **common,
     )
     val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=int(trainer_cfg.val_batch_size), shuffle=False, drop_last=False, **common
+        val_set, batch_size=int(trainer_cfg.val_batch_size), shuffle=False, drop_last=False, sampler=val_sampler,
+        **common
     )
     return train_loader, val_loader
 
 
 # -- model -----------------------------------------------------------------------------------------------------
+# model keys that are not arguments of the builder: how the trainer wraps the model (train_seg.train.prepare)
+RESERVED_MODEL_KEYS = ("sync_batchnorm",)
+
+
 def build_model(model_cfg, num_classes: int) -> nn.Module:
-    return _instantiate(_plain(model_cfg, "model"), "model", num_classes=num_classes)
+    spec = {k: v for k, v in _plain(model_cfg, "model").items() if k not in RESERVED_MODEL_KEYS}
+    return _instantiate(spec, "model", num_classes=num_classes)
 
 
 # -- loss ------------------------------------------------------------------------------------------------------
@@ -147,15 +163,40 @@ def _build_loss(spec: dict, class_weights, key: str) -> nn.Module:
         if getattr(cls, "takes_class_weights", False) is True:
             spec.pop("weight", None)
             kwargs["weight"] = class_weights.clone()
-    return _instantiate(spec, key, **kwargs)
+    try:
+        return _instantiate(spec, key, **kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(_keyed_loss_message(exc, spec, key)) from exc
+
+
+# "FocalLoss: gamma must be >= 0, got -1" (train_seg.losses._checks): the argument is a key of the loss node
+_LOSS_ARGUMENT = re.compile(r"^(\w+): (\w+) must ")
+
+
+def _keyed_loss_message(error: ValueError, spec: dict, key: str) -> str:
+    """A loss constructor's message with the config key in front (``loss.gamma=-1: FocalLoss: gamma must be >= 0``)
+    and the fix."""
+    text = str(error)
+    found = _LOSS_ARGUMENT.match(text)
+    if found and found.group(2) in spec:
+        name = found.group(2)
+        return (f"{key}.{name}={spec[name]!r}: {text}. Set {key}.{name} to an allowed value (the comments of "
+                f"configs/loss/ say which).")
+    return f"{key}: {text}. Check the keys of `{key}` (see the comments of configs/loss/)."
 
 
 # -- reporting -------------------------------------------------------------------------------------------------
-def build_sinks(logger_cfg) -> list:
+def build_sinks(logger_cfg, main_process: bool = True) -> list:
     """The sinks of ``logger`` (a mapping name -> ``{_target_: ...}``; null entries are off), in config order,
-    then the run-files sink (checkpoints, metrics.json), which is always on and always last."""
+    then the run-files sink (checkpoints, metrics.json), which is always on and always last. Under
+    torch.distributed only rank 0 (``main_process``) reports or writes anything: the other ranks get no sink at all
+    (the one place where that is decided)."""
     from train_seg.sinks import RunFilesSink
 
+    if not main_process:
+        return []
     spec = _plain(logger_cfg, "logger") if logger_cfg is not None else {}
     sinks = []
     for name, node in spec.items():
@@ -175,7 +216,13 @@ def build_optimizer(optimizer_cfg, model: nn.Module) -> torch.optim.Optimizer:
     spec = _plain(optimizer_cfg, "optimizer")
     spec["_partial_"] = True
     params = [p for p in model.parameters() if p.requires_grad]
-    return _instantiate(spec, "optimizer")(params)
+    try:
+        return _instantiate(spec, "optimizer")(params)
+    except ValueError as exc:  # torch's own checks: "Invalid momentum value: -1", "Invalid beta parameter at index 1"
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"optimizer ({spec.get('_target_')}): {exc}. Fix the optimizer.* key it names (lr, "
+                          "momentum, weight_decay, betas, eps: see configs/optimizer/).") from exc
 
 
 def build_scheduler(scheduler_cfg, optimizer: torch.optim.Optimizer, total_steps: int):

@@ -8,6 +8,7 @@ Every value is a tensor, a number, a string or a container of those, so the safe
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,135 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint at ``path``, read with ``torch.load(weights_only=True)``: nothing in the file is executed.
+
+    Raises ``CheckpointError`` (one paragraph naming the file and the fix) when the file is missing, truncated, not a
+    PyTorch file, holds Python objects the safe loader refuses (with the conversion command when it looks like a
+    train_seg checkpoint of an older version: ``python -m train_seg.checkpoint convert OLD NEW``), is not a train_seg
+    checkpoint, or was written by a newer train_seg (its ``version`` above ``CHECKPOINT_VERSION``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file. Pass a last.pt / best.pt written by training.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be read as a train_seg checkpoint ({exc}).") from exc
+        raise CheckpointError(unreadable_message(path, exc)) from exc
     if not isinstance(state, dict) or "model" not in state or "version" not in state:
-        raise CheckpointError(f"{path}: not a train_seg checkpoint (no 'model'/'version' entries).")
+        held = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not a train_seg checkpoint: it has no 'model'/'version' entries (it holds "
+            f"{held or 'nothing'}). Pass a last.pt / best.pt written by train_seg training; a plain state dict of "
+            "weights can only serve as model.weights=... of a training run."
+        )
+    version = state["version"]
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer train_seg (checkpoint version {version!r}; this one reads versions up to "
+            f"{CHECKPOINT_VERSION}). Upgrade train_seg (pip install -U train_seg, or git pull) to use it."
+        )
     return state
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def unreadable_message(path: Path, error: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in one paragraph: truncated, Python objects the safe
+    loader refuses (an older train_seg checkpoint: how to convert it), or not a PyTorch file at all."""
+    import zipfile
+
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    if head == _ZIP_MAGIC and not zipfile.is_zipfile(path):
+        return (f"{path} cannot be read: the file is truncated or corrupt ({first}). Checkpoints are written "
+                "atomically, so this copy was cut short (an interrupted copy or download, a full disk): copy it again "
+                "from the run directory.")
+    if head == _ZIP_MAGIC:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        objects = f" ({found.group(1)})" if found else ""
+        if _looks_like_ours(path):
+            return (f"{path} holds Python objects{objects} that the safe loader (torch.load(weights_only=True)) "
+                    "refuses: it looks like a train_seg checkpoint of an older version. If you trust the file, convert "
+                    f"it once: python -m train_seg.checkpoint convert {path} <new.pt>, and use the new file.")
+        return (f"{path} is a PyTorch file that the safe loader (torch.load(weights_only=True)) refuses: it holds "
+                f"Python objects{objects}, so it is not a train_seg checkpoint. Pass a last.pt / best.pt written by "
+                "training.")
+    return (f"{path} is not a train_seg checkpoint: it is not a PyTorch checkpoint file at all ({first}). Pass a "
+            "last.pt / best.pt written by train_seg training, or its run directory.")
+
+
+def _looks_like_ours(path: Path) -> bool:
+    """Whether the pickle inside the zip names a 'model' and a 'config' entry, read opcode by opcode (nothing is
+    unpickled, so nothing in the file runs)."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            strings = {arg for op, arg, _ in pickletools.genops(archive.read(name)) if isinstance(arg, str)}
+    except Exception:
+        return False
+    return {"model", "config"} <= strings
+
+
+def _to_loadable(value, where: str):
+    """``value`` with what the safe loader refuses replaced: numpy arrays -> tensors, numpy scalars and paths ->
+    Python numbers and strings, tuples kept. Anything else is refused, naming the entry."""
+    if isinstance(value, dict):
+        return {key: _to_loadable(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_to_loadable(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy()) if value.dtype != object else _to_loadable(value.tolist(), where)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.Tensor, torch.dtype, torch.device)):
+        return value
+    raise CheckpointError(f"{where} is a {type(value).__module__}.{type(value).__name__}, which a checkpoint "
+                          "cannot hold; remove that entry from the old file by hand.")
+
+
+def convert(old: str | Path, new: str | Path) -> Path:
+    """Rewrites an older train_seg checkpoint (``torch.load(weights_only=False)``: run it on files you trust only)
+    as one the safe loader reads, at ``new``, and checks that ``load_checkpoint`` accepts it."""
+    old, new = Path(old), Path(new)
+    if new.exists():
+        raise CheckpointError(f"{new} exists already; choose a new file name for the converted checkpoint.")
+    try:
+        state = torch.load(old, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{old} cannot be read even with weights_only=False ({exc}).") from exc
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{old} is not a train_seg checkpoint (no 'model' and 'config' entries): nothing to do.")
+    state = _to_loadable(state, "checkpoint")
+    state.setdefault("version", CHECKPOINT_VERSION)
+    atomic_write(new, lambda handle: torch.save(state, handle), binary=True)
+    load_checkpoint(new)
+    return new
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m train_seg.checkpoint convert OLD NEW``: see ``convert``."""
+    import sys
+
+    from train_seg.cli import exit_with_user_error
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if len(args) != 3 or args[0] != "convert":
+        print("usage: python -m train_seg.checkpoint convert OLD.pt NEW.pt  (an older train_seg checkpoint -> one "
+              "torch.load(weights_only=True) reads; run it on files you trust only)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        print(f"converted {args[1]} -> {convert(args[1], args[2])}")
+    except CheckpointError as exc:
+        exit_with_user_error("train_seg.checkpoint", exc)
+
+
+if __name__ == "__main__":
+    main()

@@ -43,7 +43,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter(loader) a s
 from train_seg import build, record
 from train_seg.atomic import atomic_write
 from train_seg.checkpoint import CheckpointError
-from train_seg.cli import CONFIG_DIR, USER_ERRORS, exit_with_user_error
+from train_seg.cli import CONFIG_DIR, USER_ERRORS, exit_with_user_error, report_hydra_errors
 from train_seg.config import PRECISIONS, ConfigError, normalize_precision, resolve_device, resolve_precision
 from train_seg.data.base import DatasetError, SegmentationDataset, SegmentationSource
 from train_seg.data.class_stats import compute_class_stats
@@ -367,6 +367,7 @@ def _app(cfg: DictConfig) -> float:
 def main() -> None:
     """``python -m train_seg.evaluate`` / ``train-seg-evaluate``."""
     sys.argv[1:] = command_line_overrides(sys.argv[1:])
+    report_hydra_errors(PROG)  # a bad override: one paragraph, exit status 2
     _app()
 
 

@@ -5,8 +5,9 @@ order, every call on every sink:
 
 1. ``on_train_start(run)`` once, before the first step (``run``: the ``train_seg.state.Run`` with every built
    object, the class statistics and weights, the resolved config as a plain dict);
-2. per epoch: ``on_train_log(TrainLog)`` every ``trainer.log_every`` steps, ``on_eval(EvalResult)`` on evaluated
-   epochs, then ``on_epoch_end(EpochEnd)``;
+2. per epoch: ``on_train_log(TrainLog)`` every ``trainer.log_every`` steps, ``on_checkpoint(Checkpoint)`` when a
+   mid-epoch checkpoint is due (``trainer.checkpoint_every_*`` or a stop signal), ``on_eval(EvalResult)`` on
+   evaluated epochs, then ``on_epoch_end(EpochEnd)`` (which also writes a checkpoint);
 3. ``on_train_end(run)`` once after the last epoch, or ``on_failure(error)`` once if the loop raised (then the
    error propagates).
 
@@ -94,6 +95,18 @@ class EpochEnd:
     best: dict
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A mid-epoch checkpoint is due: ``epoch`` epochs are complete and ``progress`` (``engine.EpochProgress``) says
+    how far the next one got; ``reason`` is ``steps``, ``minutes`` or ``signal``. Sinks that buffer (TensorBoard)
+    flush, so that nothing they reported up to ``step`` is lost if the process dies after the checkpoint."""
+
+    epoch: int
+    step: int
+    progress: Any
+    reason: str
+
+
 class Sink:
     """Base class of every sink: each hook is a no-op, override what you need (see the module docstring).
 
@@ -104,6 +117,9 @@ class Sink:
         pass
 
     def on_train_log(self, log: TrainLog) -> None:
+        pass
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         pass
 
     def on_eval(self, result: EvalResult) -> None:

@@ -35,7 +35,6 @@ Conventions (also in README.md, "Use a trained model"):
 """
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train_seg.checkpoint import CheckpointError
+from train_seg.checkpoint import CHECKPOINT_VERSION, CheckpointError, unreadable_message
 from train_seg.engine import predict_batch
 from train_seg.metrics import predictions
 
@@ -60,7 +59,6 @@ BLENDS = ("uniform", "gaussian")
 GAUSSIAN_SIGMA = 1.0 / 8.0  # of the window side (nnU-Net's choice)
 # albumentations.Normalize's defaults (used when the val pipeline's Normalize does not set them)
 _DEFAULT_MEAN, _DEFAULT_STD, _DEFAULT_MAX_PIXEL = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0
-_ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -122,7 +120,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(_unreadable_message(path, exc)) from exc
+        raise CheckpointError(unreadable_message(path, exc)) from exc
     missing = [key for key in ("model", "config", "class_names") if not isinstance(state, dict) or key not in state]
     if missing:
         held = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
@@ -131,23 +129,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"entries (it holds {held or 'nothing'}). Pass a last.pt / best.pt written by train_seg training; a plain "
             "state dict of weights can only serve as model.weights=... of a training run."
         )
+    version = state.get("version")
+    if isinstance(version, int) and version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer train_seg (checkpoint version {version}; this one reads versions up to "
+            f"{CHECKPOINT_VERSION}). Upgrade train_seg (pip install -U train_seg, or git pull) to use it."
+        )
     return state
-
-
-def _unreadable_message(path: Path, error: Exception) -> str:
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
-    if head == _ZIP_MAGIC and not zipfile.is_zipfile(path):
-        return (f"{path} cannot be read: the file is truncated or corrupt ({first}). Checkpoints are written "
-                "atomically, so this copy was cut short (an interrupted copy or download, a full disk): copy it again "
-                "from the run directory.")
-    if head == _ZIP_MAGIC:
-        return (f"{path} is a PyTorch file that the safe loader (weights_only=True) refuses ({first}): it holds "
-                "Python objects, so it is not a train_seg checkpoint. Pass a last.pt / best.pt written by training.")
-    return (f"{path} is not a train_seg checkpoint: it is not a PyTorch checkpoint file at all ({first}). Pass a "
-            "last.pt / best.pt written by train_seg training, or its run directory.")
 
 
 def val_normalization(dataset_cfg: Mapping, where: str = "the checkpoint") -> tuple[tuple, tuple, float]:

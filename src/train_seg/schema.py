@@ -126,15 +126,22 @@ class TrainerConfig:
         Check(min=2, note=", because DeepLabV3's ASPP pooling branch has BatchNorm on a 1x1 map, which cannot be "
                           "trained on a single image"))
     val_batch_size: int = setting(16, "batch size of the evaluation", Check(min=1))
-    num_workers: int = setting(1, "DataLoader worker processes (0 = load in the main process)", Check(min=0))
+    num_workers: Any = setting(
+        "auto", "DataLoader worker processes (0 = load in the main process), or auto: 0 for in-memory data (the "
+                "synthetic dataset), else clamp(cores // 2, 1, 4) (train_seg.perf.resolve_num_workers)",
+        Check(choices=("auto",), normalize=lambda v: "auto" if type(v) is int and v >= 0 else v,
+              message="{key}={value!r}: must be >= 0."))
     pin_memory: Any = setting("auto", "auto | true | false; auto = true on CUDA",
                               Check(choices=("auto", True, False), message="{key}={value!r}: use auto, true or false."))
     persistent_workers: bool = setting(
-        False, "true keeps workers alive across epochs (faster on big data), but then augmentation randomness is no "
-               "longer restored exactly on resume")
-    num_threads: Optional[int] = setting(
-        None, "CPU threads of this process (torch.set_num_threads); null = torch's default (all cores); for parallel "
-              "sweep jobs on one machine: cores / jobs", Check(min=1, note=" or null (torch's default)"))
+        False, "true keeps workers alive across epochs (faster on big data; augmentation is seeded per sample, so "
+               "results and resume are the same either way)")
+    num_threads: Any = setting(
+        None, "CPU threads of this process (torch.set_num_threads); null = torch's default (all cores); auto = "
+              "OMP_NUM_THREADS if set, else the usable cores (affinity, cgroup quota; train_seg.perf."
+              "resolve_num_threads); for parallel sweep jobs on one machine: cores / jobs",
+        Check(choices=("auto",), normalize=lambda v: "auto" if type(v) is int and v >= 1 else v,
+              message="{key}={value!r}: must be >= 1 or null (torch's default)."))
     device: str = setting("auto", "auto | cpu | cuda | cuda:N; auto = CUDA when available")
     precision: str = setting(
         "auto", "auto | 32 | 16-mixed (fp16 autocast + GradScaler, CUDA only) | bf16-mixed (CPU and CUDA); auto = "
@@ -147,6 +154,12 @@ class TrainerConfig:
              "torchvision: 0.5", Check(min=0))
     channels_last: bool = setting(
         False, "store the model and batches channels_last (faster convolutions on recent CPUs and on CUDA)")
+    compile: bool = setting(
+        False, "torch.compile the model (train_seg.perf.maybe_compile); falls back to eager with one warning line "
+               "where the platform cannot compile")
+    cudnn_benchmark: bool = setting(
+        True, "CUDA only: torch.backends.cudnn.benchmark (fastest convolution algorithms for the input shape; not "
+              "bit-reproducible across runs)")
     eval_every: int = setting(1, "validate every N epochs (and always after the last one); every epoch by default, so curves have a point per epoch",
                               Check(min=1, note=" (epochs)"))
     eval_mode: str = setting(
@@ -165,8 +178,26 @@ class TrainerConfig:
                              Check(min=1, note=" (steps)"))
     progress: bool = setting(True, "tqdm progress bars (loss, lr, images/s)")
     resume: Optional[str] = setting(
-        None, "continue a run: a checkpoint (last.pt / best.pt) or a run directory (its last.pt); the resumed run "
-              "writes into its own new run directory")
+        None, "continue a run: auto = continue THIS run directory (hydra.run.dir) from its last.pt, or start fresh "
+              "when it has none (the same command for the first start and a requeue); a checkpoint (last.pt / "
+              "best.pt) or a run directory (its last.pt) = continue that run in a new run directory")
+    checkpoint_every_n_steps: Optional[int] = setting(
+        None, "also write last.pt every N optimizer steps, mid-epoch (with the epoch's position, so a resume "
+              "continues at that step); null = only at epoch ends and on a stop signal",
+        Check(min=1, note=" (steps) or null"))
+    checkpoint_every_minutes: Optional[float] = setting(
+        10.0, "also write last.pt mid-epoch when this many minutes passed since the last checkpoint; null = never",
+        Check(gt=0, note=" (minutes) or null"))
+    max_bad_steps: int = setting(
+        25, "a step with a non-finite loss or gradient is skipped (no weight update, counted in "
+            "train/skipped_steps); this many in a row stop the run with an error", Check(min=1, note=" (steps)"))
+    dist_timeout_s: float = setting(
+        1800.0, "torchrun / SLURM: seconds a rank waits in a collective (rendezvous, gradient all-reduce, class "
+                "statistics broadcast) before the run stops with an error; a crashed rank ends the others sooner",
+        Check(gt=0, note=" (seconds)"))
+    requeue_on_signal: bool = setting(
+        False, "under SLURM (SLURM_JOB_ID set): after SIGTERM/SIGINT and the checkpoint, `scontrol requeue` the job "
+               "(use with resume=auto and a fixed hydra.run.dir)")
 
 
 @dataclass
@@ -219,6 +250,10 @@ SCHEMAS = {
 GROUP_CHECKS = {
     "optimizer.lr": Check(gt=0, note=" (the initial learning rate)"),
     "optimizer.weight_decay": Check(min=0),
+    "optimizer.momentum": Check(min=0, note=" (SGD momentum, usually 0.9)"),
+    "optimizer.eps": Check(min=0, note=" (AdamW's term added to the denominator, usually 1e-8)"),
+    "optimizer.betas[0]": Check(min=0, lt=1, note=" (AdamW's first-moment decay, usually 0.9)"),
+    "optimizer.betas[1]": Check(min=0, lt=1, note=" (AdamW's second-moment decay, usually 0.999)"),
 }
 
 

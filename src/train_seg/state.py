@@ -30,7 +30,7 @@ class Run:
     val_stats: ClassStats
     weights: torch.Tensor
     rare: torch.Tensor
-    model: torch.nn.Module
+    model: torch.nn.Module  # the model itself: evaluation, sinks and checkpoints use it
     criterion: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -43,10 +43,18 @@ class Run:
     generator: torch.Generator
     total_steps: int
     sinks: list = field(default_factory=list)
+    train_model: Any = None  # what the training step calls: DistributedDataParallel(model) under torchrun, else model
     start_epoch: int = 0
+    progress: Any = None  # engine.EpochProgress of a resumed, partly done epoch (None: start_epoch from its start)
+    completed: bool = False
+    bad_streak: int = 0  # consecutive non-finite steps at the end of the last complete epoch  # resumed in place (trainer.resume=auto) a run that had already finished
     global_step: int = 0
     best: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.train_model is None:
+            self.train_model = self.model
 
     @property
     def pixel_share(self) -> list[float]:
@@ -56,8 +64,13 @@ class Run:
     def rare_names(self) -> list[str]:
         return [name for name, rare in zip(self.class_names, self.rare.tolist()) if rare]
 
-    def checkpoint_state(self, epoch: int) -> dict:
-        """A self-contained checkpoint after ``epoch`` (see ``train_seg.checkpoint``)."""
+    def checkpoint_state(self, epoch: int, progress=None) -> dict:
+        """A self-contained checkpoint after ``epoch`` complete epochs (see ``train_seg.checkpoint``); mid-epoch,
+        ``progress`` (``engine.EpochProgress``) and the epoch's sample order say where the next epoch stands."""
+        mid_epoch = {} if progress is None else {
+            "progress": progress.to_dict(),
+            "epoch_order": torch.as_tensor(self.train_loader.sampler.epoch_order()),
+        }
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -65,6 +78,7 @@ class Run:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": epoch,
             "global_step": self.global_step,
+            "bad_streak": self.bad_streak,
             "rng": capture_rng_state(),
             "config": self.config,
             "class_names": self.class_names,
@@ -72,6 +86,7 @@ class Run:
             "class_weights": self.weights.cpu(),
             "best": self.best,
             "history": self.history,
+            **mid_epoch,
         }
 
     def record(self, status: str, final: dict | None, error: str | None = None) -> RunRecord:

@@ -107,7 +107,7 @@ def check_pairs(dataset: str, pairs: Sequence[tuple[Path, Path]]) -> None:
                 f"{mask_size[0]}x{mask_size[1]}"
             )
     if problems:
-        listed = "; ".join(problems[:MAX_LISTED])
+        listed = "; ".join(problem.rstrip(".") for problem in problems[:MAX_LISTED])
         more = f" ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise DatasetError(
             f"{dataset}: {len(problems)} of {len(pairs)} image/mask pairs are unreadable or of different sizes: "

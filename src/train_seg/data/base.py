@@ -7,10 +7,13 @@ augmentation. Loaders raise ``DatasetError`` with a message naming the path and 
 from __future__ import annotations
 
 import abc
+import logging
 from typing import Callable
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -62,17 +65,40 @@ class SegmentationSource(abc.ABC):
             raise DatasetError(f"{type(self).__name__}: the split is empty; check the dataset root and split files.")
 
 
+#: ``dataset.on_bad_sample``: what a sample that cannot be read DURING training does (the checks before training
+#: read every mask and every header; a file can still be cut short or vanish later): ``error`` stops the run with
+#: the file named, ``skip`` drops the sample from its batch, logs it and counts it.
+ON_BAD_SAMPLE = ("error", "skip")
+
+
+def check_on_bad_sample(value) -> str:
+    if value not in ON_BAD_SAMPLE:
+        raise DatasetError(f"dataset.on_bad_sample={value!r} is not valid; choose one of {', '.join(ON_BAD_SAMPLE)} "
+                           "(error: stop with the file named; skip: drop the sample from its batch, logged and "
+                           "counted).")
+    return value
+
+
 class SegmentationDataset(torch.utils.data.Dataset):
     """Applies a paired image/mask transform (albumentations-style ``transform(image=..., mask=...)``) to a source
     and returns ``(image float32 (3, H, W), mask int64 (H, W))``.
 
     Without a transform the image is scaled to [0, 1]; with one, the transform is expected to normalise the image
     (albumentations ``Normalize``) and may or may not end in ``ToTensorV2``: both are accepted.
+
+    A sample whose files cannot be read (``DatasetError`` from the source, or any ``OSError``) raises a
+    ``DatasetError`` naming the file with ``on_bad_sample="error"``; with ``"skip"`` it is logged, counted in
+    ``skipped`` (per process: each DataLoader worker counts its own) and returned as None, which
+    ``collate_skipping_bad`` drops from the batch. The default is the source's ``on_bad_sample`` attribute (set by
+    ``build.build_source`` from the dataset config), else ``"error"``.
     """
 
-    def __init__(self, source: SegmentationSource, transform: Callable | None = None):
+    def __init__(self, source: SegmentationSource, transform: Callable | None = None,
+                 on_bad_sample: str | None = None):
         self.source = source
         self.transform = transform
+        self.on_bad_sample = check_on_bad_sample(on_bad_sample or getattr(source, "on_bad_sample", "error"))
+        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.source)
@@ -82,9 +108,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.transform is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(int(seed) % 2**32)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.source.load_image(index)
-        mask = self.source.load_mask(index)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        try:
+            image = self.source.load_image(index)
+            mask = self.source.load_mask(index)
+        except (DatasetError, OSError) as exc:
+            message = str(exc) if isinstance(exc, DatasetError) else f"{self.source.describe(index)}: {exc}"
+            if self.on_bad_sample == "error":
+                raise DatasetError(
+                    f"{message} (met during training, after the checks before it passed: the file changed since). "
+                    "Restore the file, or set dataset.on_bad_sample=skip to drop unreadable samples."
+                ) from exc
+            self.skipped += 1
+            log.warning("skipped an unreadable sample (%d so far in this process; dataset.on_bad_sample=skip): %s",
+                        self.skipped, message)
+            return None
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
@@ -96,3 +134,26 @@ class SegmentationDataset(torch.utils.data.Dataset):
         mask_t = torch.as_tensor(np.ascontiguousarray(mask)) if isinstance(mask, np.ndarray) else mask
         return image_t.contiguous().float(), mask_t.long()
 
+
+
+def collate_skipping_bad(batch: list, min_size: int = 1):
+    """``default_collate`` of the samples that are not None (``SegmentationDataset`` with ``on_bad_sample="skip"``
+    returns None for an unreadable one). A training batch needs ``min_size`` = 2 (BatchNorm): a batch left with one
+    sample repeats it. A batch with no readable sample left raises ``DatasetError``."""
+    kept = [sample for sample in batch if sample is not None]
+    if not kept:
+        raise DatasetError(f"every sample of a batch of {len(batch)} was unreadable (dataset.on_bad_sample=skip "
+                           "skipped them all; see the warnings above for the files): fix or remove those files.")
+    while len(kept) < min_size:
+        kept.append(kept[len(kept) % len(kept)])
+    return torch.utils.data.default_collate(kept)
+
+
+def skip_bad_samples(train_loader, val_loader) -> None:
+    """With ``dataset.on_bad_sample=skip``: the loaders collate with ``collate_skipping_bad`` (training batches kept
+    at >= 2 samples for BatchNorm; evaluation batches only drop, so no pixel is counted twice)."""
+    from functools import partial
+
+    for loader, min_size in ((train_loader, 2), (val_loader, 1)):
+        if getattr(loader.dataset, "on_bad_sample", "error") == "skip":
+            loader.collate_fn = partial(collate_skipping_bad, min_size=min_size)

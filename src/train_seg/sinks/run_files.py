@@ -1,4 +1,5 @@
-"""The run's own files: ``last.pt`` (and ``best.pt`` on an improving epoch) and ``metrics.json`` after every epoch;
+"""The run's own files: ``last.pt`` (and ``best.pt`` on an improving epoch) and ``metrics.json`` after every epoch,
+``last.pt`` with the epoch's position also mid-epoch (``trainer.checkpoint_every_*``, stop signals);
 at the end ``metrics.json`` marked ``completed`` and ``per_class.png`` (IoU against training pixel share, recall
 and precision of the last evaluation); or ``metrics.json`` marked ``failed`` / ``interrupted`` with the error when
 the loop raised. Always on, and always the last sink, so the files describe everything the other sinks reported."""
@@ -7,7 +8,7 @@ from __future__ import annotations
 from train_seg import record
 from train_seg.atomic import atomic_write, link_or_copy
 from train_seg.checkpoint import save_checkpoint
-from train_seg.events import EpochEnd, EvalResult, Sink
+from train_seg.events import Checkpoint, EpochEnd, EvalResult, Sink
 from train_seg.sinks._figures import per_class_figure
 
 PER_CLASS_PNG = "per_class.png"
@@ -22,6 +23,11 @@ class RunFilesSink(Sink):
     def on_train_start(self, run) -> None:
         self.run = run
         run.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        run = self.run
+        save_checkpoint(run.run_dir / "last.pt", run.checkpoint_state(checkpoint.epoch, checkpoint.progress))
+        record.write(run.run_dir, run.record("running", self.final))
 
     def on_eval(self, result: EvalResult) -> None:
         self.final = result.entry()

@@ -354,13 +354,15 @@ class TensorBoardLogger:
     """Thin wrapper over ``SummaryWriter`` writing into the run directory; NaN scalars are skipped. Every method is a
     no-op when TensorBoard is disabled (callers check ``enabled`` before rendering anything expensive)."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool = True, flush_secs: int = 30):
+    def __init__(self, log_dir: str | Path, enabled: bool = True, flush_secs: int = 30, purge_step: int | None = None):
+        """``purge_step``: a run resumed in its own directory from step S passes S + 1, so TensorBoard drops the
+        points the killed process logged after its checkpoint (no duplicated or rewound steps)."""
         self.enabled = enabled
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=flush_secs)
+            self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=flush_secs, purge_step=purge_step)
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is None:
@@ -455,8 +457,8 @@ class TensorBoardSink(Sink):
         from train_seg.weighting import format_weight_table
 
         self.run = run
-        self.tb = TensorBoardLogger(run.run_dir, flush_secs=self.flush_secs)
         step = run.global_step
+        self.tb = TensorBoardLogger(run.run_dir, flush_secs=self.flush_secs, purge_step=step + 1 if step else None)
         self.tb.log_text("class_weights", format_weight_table(run.class_names, run.stats, run.weights), step,
                          heading=weighting_heading(run.config.get("weighting")))
         self.tb.log_text("config", yaml.safe_dump(run.config, sort_keys=False), step)
@@ -472,6 +474,9 @@ class TensorBoardSink(Sink):
             picks = select_overlay_indices(run.val_stats.presence, run.pixel_share, self.num_overlays)
             self.overlays = OverlaySet(run.val_set, picks, run.class_names, run.palette,
                                        run.val_set.source.ignore_index)
+
+    def on_checkpoint(self, checkpoint) -> None:
+        self.tb.flush()
 
     def on_train_log(self, log: TrainLog) -> None:
         self.tb.log_scalars(log.scalars, log.step)
