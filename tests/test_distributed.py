@@ -307,16 +307,24 @@ def _single(cwd: Path, run_dir: Path, cache: Path, *overrides: str):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """A 2-epoch torchrun run of 2 CPU processes, started from an empty working directory."""
+    base = tmp_path_factory.mktemp("ddp")
+    cwd = base / "cwd"
+    cwd.mkdir()
+    result = _torchrun(cwd, base / "run", base / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base
+
+
 @pytest.mark.slow
-def test_torchrun_trains_on_two_ranks_rank_0_alone_writes_and_its_iou_is_the_checkpoints(tmp_path):
+def test_torchrun_trains_on_two_ranks_rank_0_alone_writes_and_its_iou_is_the_checkpoints(ddp_run, tmp_path):
     from train_seg import record
     from train_seg.cli import compose
     from train_seg.evaluate import command_line_overrides, evaluate_checkpoint
 
-    cwd, run_dir = tmp_path / "cwd", tmp_path / "run"
-    cwd.mkdir()
-    result = _torchrun(cwd, run_dir, tmp_path / "cache")
-    assert result.returncode == 0, result.stderr[-3000:]
+    cwd, run_dir = ddp_run / "cwd", ddp_run / "run"
     assert sorted(p.name for p in cwd.iterdir()) == []  # rank 1 wrote nothing (its Hydra run dir is the cwd)
     assert {"last.pt", "best.pt", "metrics.json", "per_class.png"} <= {p.name for p in run_dir.iterdir()}
     trained = record.read(run_dir)
@@ -335,16 +343,17 @@ def test_torchrun_trains_on_two_ranks_rank_0_alone_writes_and_its_iou_is_the_che
 
 
 @pytest.mark.slow
-def test_a_distributed_checkpoint_resumes_in_one_process_and_vice_versa(tmp_path):
+def test_a_distributed_checkpoint_resumes_in_one_process_and_vice_versa(ddp_run, tmp_path):
     from train_seg import record
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    first = _torchrun(cwd, tmp_path / "ddp", tmp_path / "cache", "trainer.max_epochs=1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    alone = _single(cwd, tmp_path / "alone", tmp_path / "cache", f"trainer.resume={tmp_path / 'ddp'}")
+    alone = _single(cwd, tmp_path / "alone", tmp_path / "cache", f"trainer.resume={ddp_run / 'run'}",
+                    "trainer.max_epochs=3")
     assert alone.returncode == 0, alone.stderr[-3000:]
-    assert [e["epoch"] for e in record.read(tmp_path / "alone").history] == [1, 2]
+    resumed_alone = record.read(tmp_path / "alone")
+    assert [e["epoch"] for e in resumed_alone.history] == [1, 2, 3]
+    assert [e["step"] for e in resumed_alone.history] == [2, 4, 8]  # 2 per rank, then 4 in one process
 
     single = _single(cwd, tmp_path / "single", tmp_path / "cache", "trainer.max_epochs=1")
     assert single.returncode == 0, single.stderr[-3000:]
