@@ -108,54 +108,65 @@ def _overrides(args) -> list[str]:
     return overrides + list(args.override)
 
 
-def bare_torchvision_step(arch: str, size: int, batch: int, settings: LoopSettings, steps: int, warmup: int):
-    """Median s/step of torchvision's own model, plain ``F.cross_entropy`` and SGD on one fixed batch, with the
-    autocast dtype and memory format of ``settings``."""
-    import torchvision
+class BareTorchvisionStep:
+    """torchvision's own model, plain ``F.cross_entropy`` and SGD on one fixed batch, with the autocast dtype and
+    memory format of ``settings``; ``measure(steps, warmup)`` returns the median s/step of one timing round."""
 
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None, weights_backbone=None, num_classes=21)
-    model.to(settings.device, memory_format=settings.memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.amp_dtype == torch.float16)
-    fixed = (torch.randn(batch, 3, size, size), torch.randint(0, 21, (batch, size, size)))
+    def __init__(self, arch: str, size: int, batch: int, settings: LoopSettings):
+        import torchvision
 
-    def criterion(logits, target):
-        return F.cross_entropy(logits, target, ignore_index=255)
+        torch.manual_seed(0)
+        self.settings = settings
+        self.model = torchvision.models.get_model(arch, weights=None, weights_backbone=None, num_classes=21)
+        self.model.to(settings.device, memory_format=settings.memory_format).train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+        self.scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.amp_dtype == torch.float16)
+        self.fixed = (torch.randn(batch, 3, size, size), torch.randint(0, 21, (batch, size, size)))
 
-    step = bare_steps(model, criterion, optimizer, scaler, fixed, settings.device, settings.amp_dtype, steps,
-                      settings.channels_last, warmup)
-    del model, optimizer
-    return step
+    def measure(self, steps: int, warmup: int) -> float:
+        def criterion(logits, target):
+            return F.cross_entropy(logits, target, ignore_index=255)
+
+        return bare_steps(self.model, criterion, self.optimizer, self.scaler, self.fixed, self.settings.device,
+                          self.settings.amp_dtype, steps, self.settings.channels_last, warmup)
 
 
 def pipeline(args) -> None:
+    """``--rounds`` interleaved rounds in one process: the bare step, then one epoch of ours (its own DataLoader
+    iteration, workers started anew as in training); the ratio is of the medians over all rounds."""
+    bares, ours_steps, waits_all, totals, first_batches = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(tmp)
         root = write_voc_dataset(work / "data", num_train=args.batch * (args.steps + args.warmup), num_val=2)
         run = prepare_our_run(root, work, _overrides(args))
         settings = run.settings
-        bare = bare_torchvision_step(args.arch, args.size, args.batch, settings, args.steps, args.warmup)
-
-        loader = TimedLoader(run.train_loader)
-        run.train_set.reseed(int(run.config["seed"]))
-        train_one_epoch(run.model, run.criterion, run.optimizer, run.scheduler, run.scaler, loader, settings,
-                        epoch=0, global_step=0)
-        durations, waits = loader.cycles(skip=args.warmup)
-        first_batch = loader.received[0] - loader.requested[0]
-    ours = statistics.median(durations)
-    wait_share = sum(waits) / sum(durations)
+        bare = BareTorchvisionStep(args.arch, args.size, args.batch, settings)
+        for round_index in range(args.rounds):
+            bares.append(bare.measure(args.steps, args.warmup))
+            loader = TimedLoader(run.train_loader)
+            run.train_loader.sampler.set_epoch(round_index)
+            train_one_epoch(run.train_model, run.criterion, run.optimizer, run.scheduler, run.scaler, loader,
+                            settings, epoch=round_index, global_step=round_index * len(run.train_loader))
+            durations, waits = loader.cycles(skip=args.warmup)
+            ours_steps.append(statistics.median(durations))
+            waits_all.append(sum(waits))
+            totals.append(sum(durations))
+            first_batches.append(loader.received[0] - loader.requested[0])
+            print(f"round {round_index}: bare {bares[-1]:.3f} s/step, ours {ours_steps[-1]:.3f} s/step, "
+                  f"ratio {ours_steps[-1] / bares[-1]:.3f}")
+    bare_step, ours = statistics.median(bares), statistics.median(ours_steps)
     trainer = run.config["trainer"]
     precision = {None: "32", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[settings.amp_dtype]
     print(f"\npipeline: {args.arch}, VOC-layout JPEG/PNG 500x375 -> crop {args.size}, batch {args.batch}, "
           f"precision {precision}, channels_last {settings.channels_last}, workers {run.train_loader.num_workers} "
           f"(trainer.num_workers={trainer['num_workers']}), {torch.get_num_threads()} threads, {settings.device}; "
-          f"medians over {len(durations)} steps after {args.warmup} warm-up")
-    print(f"bare torchvision step   {bare:8.3f} s/step {args.batch / bare:8.1f} img/s")
+          f"medians over {args.steps} steps after {args.warmup} warm-up, {args.rounds} interleaved rounds")
+    print(f"bare torchvision step   {bare_step:8.3f} s/step {args.batch / bare_step:8.1f} img/s")
     print(f"our epoch step          {ours:8.3f} s/step {args.batch / ours:8.1f} img/s")
-    print(f"ratio {ours / bare:.3f} (ours / bare; mean-based {statistics.mean(durations) / bare:.3f})")
-    print(f"data wait {100 * wait_share:.1f}% of our step time (blocked in next(loader)); "
-          f"first batch of the epoch (worker start-up) {first_batch:.2f} s")
+    print(f"ratio {ours / bare_step:.3f} (median ours / median bare; per-round ratios "
+          f"{' '.join(f'{o / b:.3f}' for o, b in zip(ours_steps, bares))})")
+    print(f"data wait {100 * sum(waits_all) / sum(totals):.1f}% of our step time (blocked in next(loader)); "
+          f"first batch of an epoch (worker start-up) {statistics.median(first_batches):.2f} s")
 
 
 def main() -> None:
@@ -166,6 +177,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=4, help="variants part only (the pipeline has VOC's 21)")
     parser.add_argument("--steps", type=int, default=12, help="measured steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the medians")
+    parser.add_argument("--rounds", type=int, default=3, help="pipeline part: interleaved bare / ours rounds")
     parser.add_argument("--precision", default=None, help="pipeline part: trainer.precision (default: trainer's)")
     parser.add_argument("--channels-last", default=None, choices=("true", "false"),
                         help="pipeline part: trainer.channels_last (default: trainer's)")
