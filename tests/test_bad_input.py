@@ -74,6 +74,11 @@ def _not_an_image(root: Path):
     return root / "images" / "part_04.jpg"
 
 
+def _truncated_image(root: Path):  # the header is intact: only decoding the pixels finds it
+    truncate(root / "images" / "part_00.jpg", keep=0.85)
+    return root / "images" / "part_00.jpg"
+
+
 def _truncated_mask(root: Path):
     truncate(root / "masks" / "part_00.png", keep=0.3)
     return root / "masks" / "part_00.png"
@@ -156,6 +161,7 @@ CASES = {
     "label_out_of_range": _folder_case(_label_out_of_range),
     "not_an_image": _folder_case(_not_an_image),
     "truncated_mask": _folder_case(_truncated_mask),
+    "truncated_image": _folder_case(_truncated_image),
     # trainer.resume
     **{f"resume_{kind}": _resume(kind) for kind in ("missing", "truncated", "not_a_checkpoint", "other_classes",
                                                     "other_model", "newer", "python_objects")},

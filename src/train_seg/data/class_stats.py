@@ -186,7 +186,10 @@ def _compute(source: SegmentationSource, progress: bool) -> ClassStats:
     image_pixels = np.zeros(num_images, dtype=np.int64)
     ignored = 0
     # disable=None: tqdm hides the bar when stderr is not a terminal.
-    for i in tqdm(range(num_images), desc="class statistics", unit="mask", disable=None if progress else True):
+    for i in tqdm(range(num_images), desc="class statistics", unit="image", disable=None if progress else True):
+        # every image is decoded once too (not only its header): a file cut short in its pixel data is named here,
+        # before training, and not when a worker meets it (a cached split is not decoded again)
+        source.load_image(i)
         counts, ignored_here = _count_mask(source.load_mask(i), num_classes, ignore_index, source.describe(i))
         pixel_counts += counts
         presence[i] = counts > 0
