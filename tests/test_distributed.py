@@ -291,11 +291,33 @@ DDP_TINY = ["dataset.num_train=8", "dataset.num_val=5", "dataset.image_size=64",
             "trainer.dist_timeout_s=60"]
 
 
-def _torchrun(cwd: Path, run_dir: Path, cache: Path, *overrides: str, nproc: int = 2):
+# torchrun's entry for the fixture run: the real `python -m train_seg`, with every training sample a rank loads
+# appended to INDEX_LOG.<rank> (the test's own record of which images each rank saw)
+_INDEX_DRIVER = textwrap.dedent('''
+    import os, sys
+    from train_seg.data import order
+    load = order.SeededSamples.__getitem__
+    def logged(self, key):
+        if isinstance(key, tuple):
+            with open(os.environ["INDEX_LOG"] + "." + os.environ["RANK"], "a") as handle:
+                handle.write(f"{key[0]}\\n")
+        return load(self, key)
+    order.SeededSamples.__getitem__ = logged
+    from train_seg.__main__ import main
+    main()
+''')
+
+
+def _torchrun(cwd: Path, run_dir: Path, cache: Path, *overrides: str, nproc: int = 2, index_log: Path | None = None):
     env = dict(os.environ, OMP_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1")
     env.pop("HYDRA_FULL_ERROR", None)
+    entry = ["-m", "train_seg"]
+    if index_log is not None:
+        driver = index_log.parent / "index_driver.py"
+        driver.write_text(_INDEX_DRIVER)
+        entry, env["INDEX_LOG"] = [str(driver)], str(index_log)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "train_seg", *DDP_TINY, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}", *overrides]
+               *entry, *DDP_TINY, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}", *overrides]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -313,9 +335,24 @@ def ddp_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
     cwd = base / "cwd"
     cwd.mkdir()
-    result = _torchrun(cwd, base / "run", base / "cache")
+    result = _torchrun(cwd, base / "run", base / "cache", index_log=base / "indices")
     assert result.returncode == 0, result.stderr[-3000:]
     return base
+
+
+@pytest.mark.slow
+def test_the_two_ranks_saw_disjoint_shares_whose_union_is_each_epochs_list(ddp_run):
+    from train_seg.data.order import EpochOrder
+
+    seen = [[int(line) for line in (ddp_run / f"indices.{rank}").read_text().split()] for rank in range(2)]
+    assert [len(indices) for indices in seen] == [8, 8]  # 2 epochs x 2 batches x 2 images per rank
+    for epoch in range(2):
+        order = EpochOrder(8, seed=42)
+        order.set_epoch(epoch)
+        expected = order.full_order().tolist()
+        shares = [indices[4 * epoch:4 * epoch + 4] for indices in seen]
+        assert shares == [expected[0::2], expected[1::2]]
+        assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == list(range(8))
 
 
 @pytest.mark.slow
