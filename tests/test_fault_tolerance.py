@@ -355,3 +355,36 @@ def test_cli_non_finite_stop_is_one_paragraph_exit_1(tmp_path):
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert "in a row had a non-finite loss or gradient" in result.stderr
+
+
+class _Checkpoints:
+    """A sink that records the mid-epoch checkpoints it is told of: (epoch, step, reason, batches)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda event: None
+        raise AttributeError(name)
+
+    def on_checkpoint(self, checkpoint):
+        self.seen.append((checkpoint.epoch, checkpoint.step, checkpoint.reason, checkpoint.progress.batches))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["trainer.checkpoint_every_n_steps=3", "trainer.checkpoint_every_minutes=null"],
+     [(0, 3, "steps", 3), (1, 6, "steps", 2)]),
+    (["trainer.checkpoint_every_minutes=1e-9"],  # due after every step but each epoch's last
+     [(0, 1, "minutes", 1), (0, 2, "minutes", 2), (0, 3, "minutes", 3),
+      (1, 5, "minutes", 1), (1, 6, "minutes", 2), (1, 7, "minutes", 3)]),
+    (["trainer.checkpoint_every_minutes=null"], []),
+], ids=["every_3_steps", "every_minute", "epoch_ends_only"])
+def test_mid_epoch_checkpoints_come_when_due_and_never_at_an_epochs_last_step(make_cfg, tmp_path, overrides, expected):
+    from train_seg.train import fit, prepare
+
+    run = prepare(make_cfg("trainer.max_epochs=2", "trainer.num_threads=1", "logger.tensorboard=null", *overrides),
+                  tmp_path / "run")
+    probe = _Checkpoints()
+    fit(run, [probe, *run.sinks])
+    assert probe.seen == expected
