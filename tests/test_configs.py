@@ -1,5 +1,4 @@
 """Every option of every config group composes, and the objects it describes build."""
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The package as a user installs it: a wheel in a fresh venv, run from outside the repository, and configs of the
 user's own composed from outside the package (slow: builds a wheel and a venv; still run in CI)."""
 import json
-import os
 import shutil
 import site
 import subprocess

@@ -3,7 +3,6 @@ record (metrics.json) of a completed, a failed and an interrupted run reads back
 import ast
 import csv
 import json
-import math
 from pathlib import Path
 
 import pytest

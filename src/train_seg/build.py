@@ -83,14 +83,12 @@ def build_sampler(sampler_cfg, presence: np.ndarray, seed: int):
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seeds python, numpy and the dataset's albumentations pipeline from the worker's torch seed, which the
-    DataLoader derives from its (per-epoch reseeded) generator: augmentation is reproducible per epoch."""
+    """Seeds python's and numpy's global generators from the worker's torch seed (which the DataLoader derives from
+    its per-epoch reseeded generator), for custom transforms that draw from them. The albumentations pipeline is
+    not seeded here: ``data.order.SeededSamples`` reseeds it for every sample from its epoch position."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    if info is not None and hasattr(info.dataset, "reseed"):
-        info.dataset.reseed(seed)
 
 
 def build_loaders(trainer_cfg, train_set: SegmentationDataset, val_set: SegmentationDataset, sampler, device,
