@@ -6,9 +6,10 @@
 
 Two parts, in one process:
 
-1. ``variants`` (as before): the median step time and images/s of a bare model step (forward, loss, backward,
-   SGD step on one fixed random batch) for fp32, bf16 autocast and channels_last (CUDA adds fp16 + GradScaler),
-   and the overhead of ``train_one_epoch`` over that bare step on the same fixed batch.
+1. ``variants``: the median step time and images/s of a bare step of our model (forward, loss, backward, SGD step
+   on one fixed random batch) for fp32 / bf16 autocast x contiguous / channels_last x ``model.skip_padding_taps``
+   true / false (CUDA adds fp16 + GradScaler), in ``--rounds`` interleaved rounds, each against fp32 with every
+   tap; then the overhead of ``train_one_epoch`` over the bare bf16 step on the same fixed batch.
 2. ``pipeline``: the question a user asks, "does the tool cost more than the model?". The bare torchvision step
    (``torchvision.models.segmentation.<arch>``, ``F.cross_entropy``, ``loss.backward()``, ``SGD.step()`` on a
    fixed batch, 21 classes) against our whole step: a Pascal-VOC-layout dataset of JPEG images and PNG masks
@@ -18,6 +19,9 @@ Two parts, in one process:
    (``--precision`` / ``--channels-last``, default: the trainer's defaults). Prints both s/step (medians over
    the steps after ``--warmup``), ``ratio`` = ours / bare, and the share of our step time spent blocked in
    ``next(loader)`` (waiting for data). Worker start-up (the first batch of the epoch) is printed on its own.
+   The bare step of our own model (``model.skip_padding_taps`` skips padding-only taps, so it is faster than
+   torchvision's) is measured in the same rounds, and ``loop overhead`` = our step / that bare step is what the
+   tool adds on top of its model's compute.
 
 Timings need a quiet machine: run it alone.
 """
@@ -63,39 +67,58 @@ def bare_steps(model, criterion, optimizer, scaler, batch, device, dtype, steps,
 
 
 def variants(args, device) -> None:
+    """The bare step of our model by precision, memory format and ``model.skip_padding_taps``, measured in
+    ``--rounds`` interleaved rounds (every variant once per round, the order reversed in odd rounds); medians."""
     torch.manual_seed(0)
     batch = (torch.randn(args.batch, 3, args.size, args.size),
              torch.randint(0, args.classes, (args.batch, args.size, args.size)))
-    rows = [("fp32", None, False), ("bf16", torch.bfloat16, False), ("fp32 channels_last", None, True),
-            ("bf16 channels_last", torch.bfloat16, True)]
+    rows = [(f"{precision}{' channels_last' if channels_last else ''}{'' if skip else ' all taps'}", dtype,
+             channels_last, skip)
+            for skip in (True, False) for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16))
+            for channels_last in (False, True)]
     if device.type == "cuda":
-        rows.append(("fp16 + GradScaler", torch.float16, False))
+        rows.append(("fp16 + GradScaler", torch.float16, False, True))
     print(f"{args.arch}, batch {args.batch}, {args.size} px, {args.classes} classes, {device}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'variant':<22} {'step s':>8} {'img/s':>8}")
+          f"{torch.get_num_threads()} threads; 'all taps' = model.skip_padding_taps=false; medians of "
+          f"{args.rounds} interleaved rounds of {args.steps} steps")
     criterion = CrossEntropyLoss()
-    for name, dtype, channels_last in rows:
-        model = build_deeplabv3(args.arch, args.classes).to(device)
+    setups = []
+    for name, dtype, channels_last, skip in rows:
+        torch.manual_seed(0)
+        model = build_deeplabv3(args.arch, args.classes, skip_padding_taps=skip).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        step = bare_steps(model, criterion, optimizer, scaler, batch, device, dtype, args.steps, channels_last,
-                          args.warmup)
-        print(f"{name:<22} {step:8.3f} {args.batch / step:8.1f}")
+        setups.append((name, dtype, channels_last, model, optimizer, scaler))
+    times: dict[str, list[float]] = {row[0]: [] for row in setups}
+    for round_index in range(args.rounds):
+        for name, dtype, channels_last, model, optimizer, scaler in (setups if round_index % 2 == 0
+                                                                     else setups[::-1]):
+            times[name].append(bare_steps(model, criterion, optimizer, scaler, batch, device, dtype, args.steps,
+                                          channels_last, args.warmup))
+    reference = statistics.median(times["fp32 all taps"])
+    print(f"{'variant':<30} {'step s':>8} {'img/s':>8} {'vs fp32 all taps':>17}")
+    for name in times:
+        step = statistics.median(times[name])
+        print(f"{name:<30} {step:8.3f} {args.batch / step:8.1f} {reference / step:16.2f}x")
 
-    # engine overhead: the same steps through train_one_epoch (bf16), against the bare loop above
+    # engine overhead: the same steps through train_one_epoch (bf16) against the bare loop, interleaved rounds
     model = build_deeplabv3(args.arch, args.classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    bare = bare_steps(model, criterion, optimizer, scaler, batch, device, torch.bfloat16, args.steps, False,
-                      args.warmup)
-    loader = [batch] * args.steps
-    tic = time.perf_counter()
     settings = LoopSettings(device=device, amp_dtype=torch.bfloat16, log_every=10, progress=False)
-    train_one_epoch(model, criterion, optimizer, None, scaler, loader, settings, epoch=0, global_step=0)
-    engine = (time.perf_counter() - tic) / args.steps
-    print(f"train_one_epoch bf16: {engine:.3f} s/step vs bare {bare:.3f} s/step ({100 * (engine / bare - 1):+.1f}%)")
+    bares, engines = [], []
+    for round_index in range(args.rounds):
+        bares.append(bare_steps(model, criterion, optimizer, scaler, batch, device, torch.bfloat16, args.steps,
+                                False, args.warmup))
+        tic = time.perf_counter()
+        train_one_epoch(model, criterion, optimizer, None, scaler, [batch] * args.steps, settings,
+                        epoch=round_index, global_step=round_index * args.steps)
+        engines.append((time.perf_counter() - tic) / args.steps)
+    bare, engine = statistics.median(bares), statistics.median(engines)
+    print(f"train_one_epoch bf16: {engine:.3f} s/step vs bare {bare:.3f} s/step ({100 * (engine / bare - 1):+.1f}%, "
+          f"medians of {args.rounds} interleaved rounds)")
 
 
 def _overrides(args) -> list[str]:
@@ -108,16 +131,22 @@ def _overrides(args) -> list[str]:
     return overrides + list(args.override)
 
 
-class BareTorchvisionStep:
-    """torchvision's own model, plain ``F.cross_entropy`` and SGD on one fixed batch, with the autocast dtype and
-    memory format of ``settings``; ``measure(steps, warmup)`` returns the median s/step of one timing round."""
+class BareStep:
+    """A model, plain ``F.cross_entropy`` and SGD on one fixed batch, with the autocast dtype and memory format of
+    ``settings``; ``measure(steps, warmup)`` returns the median s/step of one timing round. The model is
+    torchvision's own (``model_cfg=None``) or ours as the run's ``model`` config builds it."""
 
-    def __init__(self, arch: str, size: int, batch: int, settings: LoopSettings):
+    def __init__(self, arch: str, size: int, batch: int, settings: LoopSettings, model_cfg=None):
         import torchvision
 
         torch.manual_seed(0)
         self.settings = settings
-        self.model = torchvision.models.get_model(arch, weights=None, weights_backbone=None, num_classes=21)
+        if model_cfg is None:
+            self.model = torchvision.models.get_model(arch, weights=None, weights_backbone=None, num_classes=21)
+        else:
+            from train_seg.build import build_model
+
+            self.model = build_model(model_cfg, num_classes=21)
         self.model.to(settings.device, memory_format=settings.memory_format).train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
         self.scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.amp_dtype == torch.float16)
@@ -134,15 +163,17 @@ class BareTorchvisionStep:
 def pipeline(args) -> None:
     """``--rounds`` interleaved rounds in one process: the bare step, then one epoch of ours (its own DataLoader
     iteration, workers started anew as in training); the ratio is of the medians over all rounds."""
-    bares, ours_steps, waits_all, totals, first_batches = [], [], [], [], []
+    bares, bares_ours, ours_steps, waits_all, totals, first_batches = [], [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(tmp)
         root = write_voc_dataset(work / "data", num_train=args.batch * (args.steps + args.warmup), num_val=2)
         run = prepare_our_run(root, work, _overrides(args))
         settings = run.settings
-        bare = BareTorchvisionStep(args.arch, args.size, args.batch, settings)
+        bare = BareStep(args.arch, args.size, args.batch, settings)
+        bare_ours = BareStep(args.arch, args.size, args.batch, settings, model_cfg=run.config["model"])
         for round_index in range(args.rounds):
             bares.append(bare.measure(args.steps, args.warmup))
+            bares_ours.append(bare_ours.measure(args.steps, args.warmup))
             loader = TimedLoader(run.train_loader)
             run.train_loader.sampler.set_epoch(round_index)
             train_one_epoch(run.train_model, run.criterion, run.optimizer, run.scheduler, run.scaler, loader,
@@ -155,6 +186,7 @@ def pipeline(args) -> None:
             print(f"round {round_index}: bare {bares[-1]:.3f} s/step, ours {ours_steps[-1]:.3f} s/step, "
                   f"ratio {ours_steps[-1] / bares[-1]:.3f}")
     bare_step, ours = statistics.median(bares), statistics.median(ours_steps)
+    bare_own = statistics.median(bares_ours)
     trainer = run.config["trainer"]
     precision = {None: "32", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[settings.amp_dtype]
     print(f"\npipeline: {args.arch}, VOC-layout JPEG/PNG 500x375 -> crop {args.size}, batch {args.batch}, "
@@ -162,11 +194,15 @@ def pipeline(args) -> None:
           f"(trainer.num_workers={trainer['num_workers']}), {torch.get_num_threads()} threads, {settings.device}; "
           f"medians over {args.steps} steps after {args.warmup} warm-up, {args.rounds} interleaved rounds")
     print(f"bare torchvision step   {bare_step:8.3f} s/step {args.batch / bare_step:8.1f} img/s")
+    print(f"bare step of our model  {bare_own:8.3f} s/step {args.batch / bare_own:8.1f} img/s "
+          f"(model.skip_padding_taps={run.config['model'].get('skip_padding_taps', True)})")
     print(f"our epoch step          {ours:8.3f} s/step {args.batch / ours:8.1f} img/s")
     print(f"ratio {ours / bare_step:.3f} (median ours / median bare; per-round ratios "
           f"{' '.join(f'{o / b:.3f}' for o, b in zip(ours_steps, bares))})")
     print(f"data wait {100 * sum(waits_all) / sum(totals):.1f}% of our step time (blocked in next(loader)); "
           f"first batch of an epoch (worker start-up) {statistics.median(first_batches):.2f} s")
+    print(f"loop overhead {ours / bare_own:.3f} (median our epoch step / median bare step of our model: data "
+          f"pipeline, loss, checks and logging on top of the same model compute)")
 
 
 def main() -> None:
@@ -177,7 +213,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=4, help="variants part only (the pipeline has VOC's 21)")
     parser.add_argument("--steps", type=int, default=12, help="measured steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the medians")
-    parser.add_argument("--rounds", type=int, default=3, help="pipeline part: interleaved bare / ours rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (both parts)")
     parser.add_argument("--precision", default=None, help="pipeline part: trainer.precision (default: trainer's)")
     parser.add_argument("--channels-last", default=None, choices=("true", "false"),
                         help="pipeline part: trainer.channels_last (default: trainer's)")

@@ -87,6 +87,27 @@ def test_predictions_argmax_and_binary_threshold():
     assert predictions(binary).tolist() == [[[0, 1]]]
 
 
+def test_predictions_match_argmax_on_ties_and_nan_in_bf16():
+    """``predictions`` takes ``max(1).indices`` for speed; it must give argmax's first-maximum indices."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (2, 21, 16, 16), generator=g).to(torch.bfloat16)  # many ties in every pixel
+    logits[0, 5, 0, 0] = float("nan")
+    expected = logits.float().argmax(1)
+    assert torch.equal(predictions(logits), expected)
+    assert predictions(logits)[0, 0, 0].item() == 5
+
+
+def test_labels_outside_the_class_range_count_nowhere():
+    """Negative labels, ignore_index and any label >= K are dropped, whatever the prediction."""
+    target = [[-1, 0, 3, IGNORE, 1, 7]]
+    pred = [[2, 0, 1, 2, 2, 0]]
+    cm = _confusion(pred, target, 3)
+    expected = torch.zeros(3, 3, dtype=torch.int64)
+    expected[0, 0] = 1
+    expected[1, 2] = 1
+    assert torch.equal(cm.matrix, expected) and cm.matrix.sum() == 2
+
+
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         ConfusionMatrix(2).update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long))
