@@ -254,6 +254,23 @@ def test_fast_paths_train_a_few_steps_with_finite_losses(amp_dtype, channels_las
     assert step == 3 and len(logged) == 3 and all(math.isfinite(v) for v in logged) and math.isfinite(loss)
 
 
+def test_skip_padding_taps_trains_like_the_plain_model():
+    """model.skip_padding_taps only changes how the convs compute: fp32 training of the same initial weights on the
+    same batches logs the same losses (at 64 px the ASPP map is 4 x 4, so its three 3x3 branches are 1x1 convs)."""
+    torch.manual_seed(0)
+    plain = build_deeplabv3(ARCH, 4, skip_padding_taps=False)
+    torch.manual_seed(0)
+    skipping = build_deeplabv3(ARCH, 4)
+    assert list(plain.state_dict()) == list(skipping.state_dict())
+    torch.manual_seed(1)  # the same dropout masks (ASPP) in both runs
+    _, _, plain_losses = _train(plain, _batches(3))
+    torch.manual_seed(1)
+    _, _, skipping_losses = _train(skipping, _batches(3))
+    assert plain_losses == pytest.approx(skipping_losses, rel=1e-4)
+    for a, b in zip(plain.parameters(), skipping.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
 def test_backend_settings_leave_the_cpu_alone():
     before = torch.backends.cudnn.benchmark
     assert perf.apply_backend_settings(CPU, cudnn_benchmark=not before) == {}
