@@ -267,8 +267,12 @@ def test_skip_padding_taps_trains_like_the_plain_model():
     torch.manual_seed(1)
     _, _, skipping_losses = _train(skipping, _batches(3))
     assert plain_losses == pytest.approx(skipping_losses, rel=1e-4)
-    for a, b in zip(plain.parameters(), skipping.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    # float summation order differs: all weights together stay within 1e-5 (relative L2; measured 6e-8), where
+    # scaling the ASPP branches' centre taps by 1.01 before training moves them 2.8e-4
+    plain_weights = torch.cat([p.detach().flatten() for p in plain.parameters()])
+    skipping_weights = torch.cat([p.detach().flatten() for p in skipping.parameters()])
+    drift = float((plain_weights - skipping_weights).norm() / plain_weights.norm())
+    assert drift < 1e-5, drift
 
 
 def test_backend_settings_leave_the_cpu_alone():
