@@ -24,14 +24,25 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # SIGKILL loses no page cache; atomic renames behave the same). TRAIN_SEG_TEST_TMP=disk, or --basetemp, keeps
 # pytest's own choice.
 SHM = Path("/dev/shm")
-SHM_MIN_FREE = 8 * 2**30  # the whole suite leaves a few GB behind until it ends
+SHM_MIN_FREE = 8 * 2**30  # the whole suite leaves up to ~7 GB behind until it ends (measured peak 6.9 GB)
+MIN_AVAILABLE_RAM = 16 * 2**30  # ... which must leave the test processes room
+
+
+def _available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _shm_basetemp() -> Path | None:
     if os.environ.get("TRAIN_SEG_TEST_TMP", "").lower() == "disk" or not SHM.is_dir() or not os.access(SHM, os.W_OK):
         return None
     stats = os.statvfs(SHM)
-    if stats.f_bavail * stats.f_frsize < SHM_MIN_FREE:
+    if stats.f_bavail * stats.f_frsize < SHM_MIN_FREE or _available_ram() < MIN_AVAILABLE_RAM:
         return None
     return SHM / f"train_seg-pytest-{os.getuid()}-{os.getpid()}"
 
