@@ -16,6 +16,13 @@ from PIL import Image
 VOC_SIZE = (375, 500)  # height, width of a typical VOC image
 
 
+def precision_setting(amp_dtype) -> str:
+    """The ``trainer.precision`` value that gives this autocast dtype (None = fp32)."""
+    import torch
+
+    return {None: "32", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[amp_dtype]
+
+
 def _palette() -> list[int]:
     from train_seg.data.voc import voc_colormap
 

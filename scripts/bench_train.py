@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench_common, also when imported from elsewhere
 
-from _bench_common import TimedLoader, prepare_our_run, write_voc_dataset  # noqa: E402
+from _bench_common import TimedLoader, precision_setting, prepare_our_run, write_voc_dataset  # noqa: E402
 
 from train_seg.engine import LoopSettings, autocast, train_one_epoch  # noqa: E402
 from train_seg.losses import CrossEntropyLoss  # noqa: E402
@@ -188,7 +188,7 @@ def pipeline(args) -> None:
     bare_step, ours = statistics.median(bares), statistics.median(ours_steps)
     bare_own = statistics.median(bares_ours)
     trainer = run.config["trainer"]
-    precision = {None: "32", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[settings.amp_dtype]
+    precision = precision_setting(settings.amp_dtype)
     print(f"\npipeline: {args.arch}, VOC-layout JPEG/PNG 500x375 -> crop {args.size}, batch {args.batch}, "
           f"precision {precision}, channels_last {settings.channels_last}, workers {run.train_loader.num_workers} "
           f"(trainer.num_workers={trainer['num_workers']}), {torch.get_num_threads()} threads, {settings.device}; "

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _bench_common import TimedLoader, prepare_our_run, write_voc_dataset  # noqa: E402
+from _bench_common import TimedLoader, precision_setting, prepare_our_run, write_voc_dataset  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -216,7 +216,7 @@ def our_epoch(root: Path, work: Path, args) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - tic
     trainer = run.config["trainer"]
-    precision = {None: "32", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[run.settings.amp_dtype]
+    precision = precision_setting(run.settings.amp_dtype)
     _, waits = loader.cycles()
     return {"images": step * args.batch, "seconds": seconds, "loss": loss, "data_wait": sum(waits) / seconds,
             "setting": f"precision {precision}, channels_last {run.settings.channels_last}, compile "

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from _bench_common import TimedLoader, prepare_our_run, write_voc_dataset  # noqa: E402
+from _bench_common import TimedLoader, precision_setting, prepare_our_run, write_voc_dataset  # noqa: E402
 
 PARTS = ("to_device", "forward", "loss", "backward", "optimizer")
 EVAL_PARTS = ("eval_forward", "eval_confusion")
@@ -155,7 +155,7 @@ def main() -> None:
                      f"trainer.num_workers={args.workers}", *args.override]
         run = prepare_our_run(root, work, overrides)
         trainer, model = run.config["trainer"], run.config["model"]
-        precision = {None: "32", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[run.settings.amp_dtype]
+        precision = precision_setting(run.settings.amp_dtype)
         print(f"{model['arch']}, {args.images} VOC-layout images (500x375 JPEG) -> crop {args.crop}, batch "
               f"{args.batch}, precision {precision}, channels_last {run.settings.channels_last}, "
               f"skip_padding_taps {model.get('skip_padding_taps', True)}, {run.train_loader.num_workers} workers "
