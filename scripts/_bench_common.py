@@ -1,5 +1,5 @@
 """Shared by the training benchmarks (``bench_train.py``, ``bench_vs_reference.py``): a Pascal-VOC-layout dataset
-written to a folder, our run built by ``train_seg.train.prepare`` from the real configs, and a loader wrapper that
+written to a folder, our run built by ``train_seg.engine.trainer.prepare`` from the real configs, and a loader wrapper that
 measures the time spent blocked in ``next(loader)``.
 
 The dataset imitates VOC where it matters for speed: 500x375 JPEG photographs (quality 90) of smooth regions and
@@ -78,7 +78,7 @@ def compose_our_config(root: Path, work: Path, overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
 
     import train_seg  # noqa: F401  registers the schemas
-    from train_seg.cli import CONFIG_DIR
+    from train_seg.config.command_line import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -91,8 +91,8 @@ def compose_our_config(root: Path, work: Path, overrides: list[str]):
 
 
 def prepare_our_run(root: Path, work: Path, overrides: list[str]):
-    """``train_seg.train.prepare`` on that config: the model, loss, optimizer, scheduler and loaders of a real run."""
-    from train_seg.train import prepare
+    """``train_seg.engine.trainer.prepare`` on that config: the model, loss, optimizer, scheduler and loaders of a real run."""
+    from train_seg.engine.trainer import prepare
 
     cfg = compose_our_config(root, work, overrides)
     run_dir = Path(cfg.paths.output_dir)

@@ -24,9 +24,9 @@ import torch
 import torch.multiprocessing as mp
 
 from train_seg import distributed
-from train_seg.engine import autocast
+from train_seg.evaluation.loop import autocast
 from train_seg.losses import CrossEntropyLoss
-from train_seg.models import build_deeplabv3
+from train_seg.models.deeplabv3 import build_deeplabv3
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@
 
 Without --ckpt the default model (configs/train.yaml: DeepLabV3-MobileNetV3, the embedded dataset's 4 classes) is
 built untrained: speed and memory do not depend on the weights. The input is one random normalised
-(1, 3, size, size) image; each mode runs ``train_seg.inference.infer_logits`` (the predict command's path) and the
+(1, 3, size, size) image; each mode runs ``train_seg.evaluation.inference.infer_logits`` (the predict command's path) and the
 arg-max, once to warm up, then --repeat times; the median is reported.
 
 Each mode runs in a fresh subprocess, so that peak memory is that mode's alone: on CPU, the peak resident set size
@@ -13,7 +13,7 @@ Each mode runs in a fresh subprocess, so that peak memory is that mode's alone: 
 increase over the peak after loading the model and creating the input; on CUDA, ``torch.cuda.max_memory_allocated``
 and its increase over the memory allocated before inference. Ratios are to the whole-image mode.
 
---batch-size (windows per forward pass) defaults to what ``python -m train_seg.predict`` uses: the checkpoint's
+--batch-size (windows per forward pass) defaults to what ``python -m train_seg.cli.predict`` uses: the checkpoint's
 trainer.val_batch_size (the default config's, 16, without --ckpt); --precision likewise defaults to the checkpoint's
 (the default config's) trainer.precision, resolved on the device (``auto`` = bf16 on CPU).
 """
@@ -56,9 +56,9 @@ def load_model(args, device):
     """``(model in eval mode on device, its config dict)``: the checkpoint's, or the default config's untrained."""
     from omegaconf import OmegaConf
 
-    from train_seg import build
-    from train_seg.cli import compose
-    from train_seg.inference import load_checkpoint_model
+    from train_seg.engine import builder as build
+    from train_seg.config.command_line import compose
+    from train_seg.evaluation.inference import load_checkpoint_model
 
     if args.ckpt:
         model, meta = load_checkpoint_model(args.ckpt, device)
@@ -69,7 +69,7 @@ def load_model(args, device):
 
 
 def settings(args, config, device):
-    from train_seg.config import resolve_precision
+    from train_seg.config.validation import resolve_precision
 
     trainer = config.get("trainer") or {}
     precision = args.precision if args.precision is not None else str(trainer.get("precision", "32"))
@@ -81,9 +81,9 @@ def child(args) -> dict:
     """One mode in this process: median seconds per image and peak memory."""
     import torch
 
-    from train_seg.config import resolve_device
-    from train_seg.inference import infer_logits
-    from train_seg.metrics import predictions
+    from train_seg.config.validation import resolve_device
+    from train_seg.evaluation.inference import infer_logits
+    from train_seg.evaluation.metrics import predictions
 
     if args.threads:
         torch.set_num_threads(args.threads)

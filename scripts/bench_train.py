@@ -14,7 +14,7 @@ Two parts, in one process:
    (``torchvision.models.segmentation.<arch>``, ``F.cross_entropy``, ``loss.backward()``, ``SGD.step()`` on a
    fixed batch, 21 classes) against our whole step: a Pascal-VOC-layout dataset of JPEG images and PNG masks
    (500x375, written to a temporary folder) read through train_seg's own dataset, transform and loader builders
-   (``train_seg.train.prepare`` with ``dataset=voc``, crop = ``--size``), trained by ``engine.train_one_epoch``
+   (``train_seg.engine.trainer.prepare`` with ``dataset=voc``, crop = ``--size``), trained by ``engine.train_one_epoch``
    with the run's loss, optimizer, scheduler and settings. Same precision and memory format on both sides
    (``--precision`` / ``--channels-last``, default: the trainer's defaults). Prints both s/step (medians over
    the steps after ``--warmup``), ``ratio`` = ours / bare, and the share of our step time spent blocked in
@@ -41,9 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench_common, also 
 
 from _bench_common import TimedLoader, precision_setting, prepare_our_run, write_voc_dataset  # noqa: E402
 
-from train_seg.engine import LoopSettings, autocast, train_one_epoch  # noqa: E402
+from train_seg.engine.loop import LoopSettings, train_one_epoch  # noqa: E402
+from train_seg.evaluation.loop import autocast  # noqa: E402
 from train_seg.losses import CrossEntropyLoss  # noqa: E402
-from train_seg.models import build_deeplabv3  # noqa: E402
+from train_seg.models.deeplabv3 import build_deeplabv3  # noqa: E402
 
 
 def bare_steps(model, criterion, optimizer, scaler, batch, device, dtype, steps, channels_last, warmup=2):
@@ -144,7 +145,7 @@ class BareStep:
         if model_cfg is None:
             self.model = torchvision.models.get_model(arch, weights=None, weights_backbone=None, num_classes=21)
         else:
-            from train_seg.build import build_model
+            from train_seg.engine.builder import build_model
 
             self.model = build_model(model_cfg, num_classes=21)
         self.model.to(settings.device, memory_format=settings.memory_format).train()

@@ -17,7 +17,7 @@ no evaluation, no checkpoints).
   ``ignore_index=255``, fp32, contiguous tensors, and ``loss.item()`` every step for its metric logger.
 * ``ours``: train_seg's defaults (``python -m train_seg dataset=voc`` with ``dataset.transforms.crop_size``,
   ``trainer.batch_size`` and ``trainer.num_workers`` set to the shared values, plus ``--our-override``s), built by
-  ``train_seg.train.prepare`` and trained by ``engine.train_one_epoch``: its own precision, memory format,
+  ``train_seg.engine.trainer.prepare`` and trained by ``engine.train_one_epoch``: its own precision, memory format,
   transforms (albumentations RandomScale 0.5-2, class-aware crop) and loss.
 
 Each epoch runs in a fresh Python process (like two separate runs), and the tools alternate, reference first in
@@ -201,7 +201,7 @@ def reference_epoch(root: Path, args) -> dict:
 
 # -- ours -------------------------------------------------------------------------------------------------------
 def our_epoch(root: Path, work: Path, args) -> dict:
-    from train_seg.engine import train_one_epoch
+    from train_seg.engine.loop import train_one_epoch
 
     overrides = [f"model.arch={args.arch}", f"dataset.transforms.crop_size={args.crop}",
                  f"trainer.batch_size={args.batch}", f"trainer.num_workers={args.workers}",

@@ -8,7 +8,7 @@ a checkpoint write.
 The data is a Pascal-VOC-layout folder (``--images`` 500x375 JPEGs with palette-PNG masks, 21 classes, and 8
 validation images, written to a temporary folder); the run is ``python -m train_seg dataset=voc`` with the crop,
 batch and workers given and every other setting at its default (``--override`` changes any), built by
-``train_seg.train.prepare``. Two warm-up steps run first (oneDNN primitive creation, allocator), then one epoch
+``train_seg.engine.trainer.prepare``. Two warm-up steps run first (oneDNN primitive creation, allocator), then one epoch
 without the profiler (its ms/step is printed: the profiler's own overhead shows against it), then one profiled.
 
 What it prints:
@@ -60,7 +60,7 @@ def label_totals(prof) -> dict[str, float]:
 
 
 def profile_epoch(run, epoch: int):
-    from train_seg.engine import train_one_epoch
+    from train_seg.engine.loop import train_one_epoch
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.settings.device.type == "cuda" else [])
     run.train_loader.sampler.set_epoch(epoch)
@@ -113,7 +113,7 @@ def print_workers(run, samples: int, batch: int) -> None:
 
 
 def print_evaluation(run) -> None:
-    from train_seg.engine import evaluate
+    from train_seg.engine.loop import evaluate
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         tic = time.perf_counter()
@@ -161,7 +161,7 @@ def main() -> None:
               f"skip_padding_taps {model.get('skip_padding_taps', True)}, {run.train_loader.num_workers} workers "
               f"(trainer.num_workers={trainer['num_workers']}), {torch.get_num_threads()} threads, "
               f"{run.settings.device}")
-        from train_seg.engine import train_one_epoch
+        from train_seg.engine.loop import train_one_epoch
 
         train_one_epoch(run.train_model, run.criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader,
                         run.settings, epoch=0, global_step=0, max_steps=2)  # warm-up

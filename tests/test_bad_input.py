@@ -262,18 +262,18 @@ def test_evaluate_predict_export_refuse_bad_checkpoints(command, tmp_path, monke
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
     for kind, (ckpt, needle) in _bad_checkpoints(tmp_path).items():
         if command == "evaluate":
-            from train_seg.evaluate import main as evaluate_main
+            from train_seg.cli.evaluate import main as evaluate_main
 
             GlobalHydra.instance().clear()
-            monkeypatch.setattr(sys, "argv", ["train_seg.evaluate", f"ckpt={ckpt}", f"output_dir={tmp_path / 'e'}"])
+            monkeypatch.setattr(sys, "argv", ["train_seg.cli.evaluate", f"ckpt={ckpt}", f"output_dir={tmp_path / 'e'}"])
             call = evaluate_main
         elif command == "predict":
-            from train_seg.predict import main as predict_main
+            from train_seg.cli.predict import main as predict_main
 
             call = lambda: predict_main([f"ckpt={ckpt}", f"input={tmp_path / 'a.png'}",  # noqa: E731
                                          f"output={tmp_path / 'o'}", "progress=false"])
         else:
-            from train_seg.export import main as export_main
+            from train_seg.cli.export import main as export_main
 
             call = lambda: export_main([f"ckpt={ckpt}", "format=torchscript",  # noqa: E731
                                         f"output={tmp_path / 'm.pt'}"])
@@ -347,7 +347,7 @@ def test_an_unreadable_sample_is_skipped_counted_and_logged(tmp_path, caplog):
 
 
 def test_a_worker_error_is_reported_as_its_own_message():
-    from train_seg.cli import user_message
+    from train_seg.config.command_line import user_message
     from train_seg.data.base import DatasetError
 
     wrapped = DatasetError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent "

@@ -3,8 +3,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from train_seg import build
-from train_seg.config import ConfigError
+from train_seg.engine import builder as build
+from train_seg.config.validation import ConfigError
 from train_seg.losses import CrossEntropyLoss, DiceLoss, GeneralizedDiceLoss, WeightedSum
 
 WEIGHTS = torch.tensor([0.25, 1.0, 1.25, 1.5])
@@ -43,7 +43,7 @@ def test_explicit_weight_in_config_wins(make_cfg):
 
 
 def test_no_weighting_gives_unit_weights_through_the_app(make_cfg, tmp_path):
-    from train_seg.train import prepare
+    from train_seg.engine.trainer import prepare
 
     run = prepare(make_cfg("loss=focal", "loss.gamma=2"), tmp_path / "run")
     assert run.criterion.gamma == 2 and torch.equal(run.criterion.weight, torch.ones(4))

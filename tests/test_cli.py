@@ -58,10 +58,10 @@ def test_cli_help_and_cfg_job(tmp_path):
 def test_stats_cli_prints_every_scheme_side_by_side(tmp_path):
     from train_seg.data.class_stats import compute_class_stats
     from train_seg.data.synthetic import SyntheticShapes
-    from train_seg.weighting import class_weights
+    from train_seg.losses.weighting import class_weights
 
     result = subprocess.run(
-        [sys.executable, "-m", "train_seg.stats", "dataset.num_train=20", "weighting=inverse", "trainer.progress=false",
+        [sys.executable, "-m", "train_seg.cli.stats", "dataset.num_train=20", "weighting=inverse", "trainer.progress=false",
          f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120,
     )

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from train_seg import build
+from train_seg.engine import builder as build
 from train_seg.data.class_stats import compute_class_stats
-from train_seg.weighting import class_weights
+from train_seg.losses.weighting import class_weights
 
 GROUPS = ROOT / "src" / "train_seg" / "configs"
 
@@ -101,7 +101,7 @@ def test_synthetic_transforms_build(make_cfg):
         assert tuple(out["image"].shape) == (3, 64, 64) and out["image"].dtype == torch.float32
 
 
-# -- typed config: train_seg.schema ------------------------------------------------------------------------------
+# -- typed config: train_seg.config.schema ------------------------------------------------------------------------------
 def test_import_train_seg_registers_the_schemas_without_importing_torch():
     import subprocess
     import sys
@@ -142,8 +142,7 @@ def test_the_yaml_does_not_repeat_the_schema_defaults():
 
     import yaml
 
-    from train_seg import schema
-
+    from train_seg.config import schema
     for group in ("trainer", "paths"):
         node = yaml.safe_load((GROUPS / group / "default.yaml").read_text())
         assert set(node) == {"defaults"} and node["defaults"][-1] == "_self_", group
@@ -151,14 +150,13 @@ def test_the_yaml_does_not_repeat_the_schema_defaults():
     top = yaml.safe_load((GROUPS / "train.yaml").read_text())
     assert top["defaults"][0] == "base_train"
     scalars = {f.name for f in fields(schema.TrainConfig) if not f.metadata.get("group")}
-    assert not scalars & set(top), "configs/train.yaml repeats a default of train_seg.schema.TrainConfig"
+    assert not scalars & set(top), "configs/train.yaml repeats a default of train_seg.config.schema.TrainConfig"
 
 
 def test_composed_defaults_are_the_schema_defaults(make_cfg):
     from omegaconf import OmegaConf
 
-    from train_seg import schema
-
+    from train_seg.config import schema
     cfg = OmegaConf.to_container(make_cfg(tiny=False), resolve=False)
     keys = list(schema.schema_fields())
     assert {"seed", "rare_share", "trainer.max_epochs", "trainer.aux_weight", "paths.cache_dir"} <= {k for k, _ in keys}
@@ -170,8 +168,7 @@ def test_composed_defaults_are_the_schema_defaults(make_cfg):
 
 
 def test_every_schema_key_has_a_one_line_doc_and_a_default_that_passes_its_check():
-    from train_seg import schema
-
+    from train_seg.config import schema
     for key, f in schema.schema_fields():
         doc = f.metadata.get("doc", "")
         assert doc and "\n" not in doc, key
@@ -183,7 +180,7 @@ def test_every_schema_key_has_a_one_line_doc_and_a_default_that_passes_its_check
 
 
 def test_check_rule_texts():
-    from train_seg.schema import Check
+    from train_seg.config.schema import Check
 
     assert Check(min=2).rule() == ">= 2" and Check(gt=0).rule() == "> 0"
     assert Check(gt=0, lt=1).rule() == "in (0, 1)" and Check(min=0, lt=1).rule() == "in [0, 1)"
@@ -225,7 +222,7 @@ def test_check_rule_texts():
     (["optimizer.weight_decay=-1e-4"], "optimizer.weight_decay=-0.0001: must be >= 0."),
 ])
 def test_bad_values_fail_validation_with_the_message(make_cfg, overrides, message):
-    from train_seg.config import ConfigError, validate_config
+    from train_seg.config.validation import ConfigError, validate_config
 
     with pytest.raises(ConfigError) as info:
         validate_config(make_cfg(*overrides))
@@ -238,6 +235,6 @@ def test_bad_values_fail_validation_with_the_message(make_cfg, overrides, messag
     ["optimizer=adamw"], ["trainer.device=cpu"],
 ])
 def test_good_values_pass_validation(make_cfg, overrides):
-    from train_seg.config import validate_config
+    from train_seg.config.validation import validate_config
 
     validate_config(make_cfg(*overrides))

@@ -523,7 +523,7 @@ TRAIN_OVERRIDES = [
 @pytest.mark.parametrize("case", [*YAMLS, "folder-index"])
 def test_two_training_steps_through_the_real_config(make_cfg, tmp_path, case):
     """`python -m train_seg dataset=<name> dataset.root=<fixture>` shrunk to 32 px crops and two steps."""
-    from train_seg.train import train
+    from train_seg.engine.trainer import train
 
     name = case.split("-")[0]
     data = tmp_path / "data"

@@ -357,9 +357,9 @@ def test_the_two_ranks_saw_disjoint_shares_whose_union_is_each_epochs_list(ddp_r
 
 @pytest.mark.slow
 def test_torchrun_trains_on_two_ranks_rank_0_alone_writes_and_its_iou_is_the_checkpoints(ddp_run, tmp_path):
-    from train_seg import record
-    from train_seg.cli import compose
-    from train_seg.evaluate import command_line_overrides, evaluate_checkpoint
+    from train_seg.reporting import record
+    from train_seg.config.command_line import compose
+    from train_seg.cli.evaluate import command_line_overrides, evaluate_checkpoint
 
     cwd, run_dir = ddp_run / "cwd", ddp_run / "run"
     assert sorted(p.name for p in cwd.iterdir()) == []  # rank 1 wrote nothing (its Hydra run dir is the cwd)
@@ -381,8 +381,7 @@ def test_torchrun_trains_on_two_ranks_rank_0_alone_writes_and_its_iou_is_the_che
 
 @pytest.mark.slow
 def test_a_distributed_checkpoint_resumes_in_one_process_and_vice_versa(ddp_run, tmp_path):
-    from train_seg import record
-
+    from train_seg.reporting import record
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     alone = _single(cwd, tmp_path / "alone", tmp_path / "cache", f"trainer.resume={ddp_run / 'run'}",
@@ -420,7 +419,7 @@ def _batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _equivalence_worker(rank: int, port: int, out: str) -> None:
-    from train_seg.engine import LoopSettings, train_one_epoch
+    from train_seg.engine.loop import LoopSettings, train_one_epoch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -438,7 +437,7 @@ def _equivalence_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_after_n_steps_equals_one_process_on_the_concatenated_batches(tmp_path):
-    from train_seg.engine import LoopSettings, train_one_epoch
+    from train_seg.engine.loop import LoopSettings, train_one_epoch
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -1,7 +1,8 @@
 """The loop's building blocks on their own: one DataLoader iterator per pass, settings honoured."""
 import torch
 
-from train_seg.engine import LoopSettings, evaluate, predict_batch, train_one_epoch
+from train_seg.engine.loop import LoopSettings, train_one_epoch
+from train_seg.evaluation.loop import evaluate, predict_batch
 
 
 class CountingLoader:

@@ -1,4 +1,4 @@
-"""``python -m train_seg.evaluate``: pipeline resolution reproduces training's numbers, original resolution those of
+"""``python -m train_seg.cli.evaluate``: pipeline resolution reproduces training's numbers, original resolution those of
 an independent computation, the output files, the errors, and the command line itself (two subprocesses).
 
 The checkpoint is the tiny real run of tests/test_inference.py (trained once per session)."""
@@ -19,11 +19,11 @@ from PIL import Image
 
 from _dataset_fixtures import write_folder
 from test_inference import trained_run
-from train_seg import record
+from train_seg.reporting import record
 from train_seg.checkpoint import CheckpointError
-from train_seg.cli import compose
-from train_seg.config import ConfigError
-from train_seg.evaluate import command_line_overrides, evaluate_checkpoint, read_options, run_settings
+from train_seg.config.command_line import compose
+from train_seg.config.validation import ConfigError
+from train_seg.cli.evaluate import command_line_overrides, evaluate_checkpoint, read_options, run_settings
 
 CLASSES = ["background", "lake", "road", "car"]
 
@@ -99,8 +99,7 @@ def _independent_confusion(run_dir: Path, root: Path) -> np.ndarray:
     import albumentations as A
     from omegaconf import OmegaConf
 
-    from train_seg import build
-
+    from train_seg.engine import builder as build
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     model = build.build_model(OmegaConf.create(state["config"]["model"]), num_classes=len(CLASSES)).eval()
     model.load_state_dict(state["model"])
@@ -238,7 +237,7 @@ def test_errors_missing_checkpoint_classes_that_differ_and_an_existing_output(ru
 def _cli(*args, cwd: Path):
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "train_seg.evaluate", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "train_seg.cli.evaluate", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -257,7 +256,7 @@ def test_cli_prints_the_table_and_writes_a_new_output_directory(run_dir, tmp_pat
 def test_cli_bad_input_exits_2_with_one_paragraph(tmp_path):
     result = _cli(f"ckpt={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith("train_seg.evaluate: error: ") and "no such checkpoint" in result.stderr
+    assert result.stderr.startswith("train_seg.cli.evaluate: error: ") and "no such checkpoint" in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
 
 
@@ -265,7 +264,7 @@ def test_a_sweep_job_directory_is_a_valid_ckpt_argument():
     """Sweep job directories hold `=` and `,` (`3_seed=0,weighting=sqrt_inverse`): ckpt= is quoted for Hydra."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from train_seg.evaluate import command_line_overrides
+    from train_seg.cli.evaluate import command_line_overrides
 
     path = "/runs/3_seed=0,weighting=sqrt_inverse/best.pt"
     (override,) = OverridesParser.create().parse_overrides(command_line_overrides([f"ckpt={path}"]))

@@ -1,4 +1,4 @@
-"""``python -m train_seg.export``: ONNX (run with onnxruntime) and TorchScript files give eager PyTorch's logits on a
+"""``python -m train_seg.cli.export``: ONNX (run with onnxruntime) and TorchScript files give eager PyTorch's logits on a
 size and batch not seen at export, record the class names and the normalisation, refuse to overwrite, and a
 missing optional extra is a clear error. onnx and onnxruntime are in the ``dev`` extra: these tests do not skip.
 
@@ -18,9 +18,9 @@ import torch
 
 from conftest import ROOT, cli_env
 from test_inference import trained_run
-from train_seg import export
-from train_seg.export import TORCHSCRIPT_METADATA, main, read_metadata
-from train_seg.inference import load_checkpoint_model
+from train_seg.cli import export
+from train_seg.cli.export import TORCHSCRIPT_METADATA, main, read_metadata
+from train_seg.evaluation.inference import load_checkpoint_model
 
 CLASSES = ["background", "lake", "road", "car"]
 NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "max_pixel_value": 255.0}
@@ -127,14 +127,14 @@ def test_bad_arguments_exit_2(tmp_path, monkeypatch, capsys, args, match):
     monkeypatch.chdir(tmp_path)
     assert run(*args) == 2
     err = capsys.readouterr().err
-    assert match in err and err.startswith("train_seg.export: error: ")
+    assert match in err and err.startswith("train_seg.cli.export: error: ")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_subprocess(run_dir, tmp_path):
     path = tmp_path / "m.pt"
     env = {**cli_env(), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "train_seg.export", f"ckpt={run_dir}", "format=torchscript",
+    result = subprocess.run([sys.executable, "-m", "train_seg.cli.export", f"ckpt={run_dir}", "format=torchscript",
                              f"output={path}", "verify=false"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -144,8 +144,8 @@ def test_cli_subprocess(run_dir, tmp_path):
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_a_model_with_an_auxiliary_head_exports_without_it(run_dir, tmp_path):
     """The aux head (model.aux_loss=true) is dropped: torch.jit.script refused a submodule set to None."""
-    from train_seg import build
-    from train_seg.inference import checkpoint_meta
+    from train_seg.engine import builder as build
+    from train_seg.evaluation.inference import checkpoint_meta
 
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     state["config"] = {**state["config"], "model": {**state["config"]["model"], "aux_loss": True}}

@@ -26,8 +26,9 @@ from conftest import ROOT, cli_env
 from train_seg.data.order import EpochOrder, SeededSamples
 from train_seg.data.sampler import RepeatFactorSampler
 
-# 8 training images of 64 px in batches of 2: 4 steps per epoch, 2 epochs; one thread (bit-exact and no contention)
-TINY = ["dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64", "trainer.batch_size=2",
+# 8 training images of 64 px in batches of 2: 4 steps per epoch, 2 epochs; one thread (bit-exact and no contention);
+# the tiny model (configs/model/tiny.yaml): what is checked is the loop's resume, not DeepLabV3 (KB checkpoints)
+TINY = ["model=tiny", "dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64", "trainer.batch_size=2",
         "trainer.val_batch_size=2", "trainer.max_epochs=2", "trainer.progress=false", "trainer.log_every=1",
         "trainer.num_threads=1", "scheduler.warmup_steps=1", "logger.tensorboard.num_overlays=0"]
 
@@ -36,8 +37,9 @@ _DRIVER = textwrap.dedent('''
     kind, at = sys.argv[1], int(sys.argv[2])
     sys.argv = [sys.argv[0]] + sys.argv[3:]
     import torch
-    from train_seg import engine, checkpoint, __main__ as entry
-
+    from train_seg import checkpoint, __main__ as entry
+    from train_seg.engine import loop as engine
+    from train_seg.evaluation import loop as evaluation
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -51,13 +53,13 @@ _DRIVER = textwrap.dedent('''
             return forward(*args, **kwargs)
         engine.forward_loss = forward_loss
     elif kind == "eval":  # dies at evaluation batch `at` (counted over the whole run)
-        predictions = engine.predictions
+        predictions = evaluation.predictions
         def counted(logits):
             calls["n"] += 1
             if calls["n"] == at:
                 die()
             return predictions(logits)
-        engine.predictions = counted
+        evaluation.predictions = counted
     elif kind == "save":  # dies half-way through writing checkpoint number `at`
         save = torch.save
         def torch_save(obj, handle, *args, **kwargs):
@@ -211,7 +213,8 @@ def test_sigkill_at_a_random_moment_with_two_workers_resumes_exactly(tmp_path, r
     deadline = time.monotonic() + 120
     while not (run_dir / "last.pt").exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))  # somewhere in the rest of the run
+    # somewhere in the rest of the run (the tiny model's run lasts about a second after its first checkpoint)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.4))
     process.kill()
     process.communicate()
     resumed = _train(run_dir, tmp_path / "cache", *args)
@@ -267,7 +270,7 @@ def test_sigterm_saves_marks_interrupted_and_resume_auto_continues_the_curves(tm
 
 
 def test_a_second_signal_stops_at_once():
-    from train_seg.signals import StopRequest
+    from train_seg.engine.signals import StopRequest
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
@@ -281,7 +284,7 @@ def test_a_second_signal_stops_at_once():
 
 
 def test_requeue_outside_slurm_does_nothing():
-    from train_seg.signals import requeue_slurm_job
+    from train_seg.engine.signals import requeue_slurm_job
 
     assert requeue_slurm_job({}) is None
 
@@ -305,15 +308,15 @@ class NaNAtSteps(torch.nn.Module):
 
 
 def _prepared(make_cfg, tmp_path, *overrides):
-    from train_seg.train import prepare
+    from train_seg.engine.trainer import prepare
 
-    cfg = make_cfg("trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=1", "trainer.num_threads=1",
+    cfg = make_cfg("model=tiny", "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=1", "trainer.num_threads=1",
                    "logger.tensorboard=null", *overrides)
     return prepare(cfg, tmp_path / "run")
 
 
 def test_non_finite_steps_are_skipped_counted_and_change_no_weight(make_cfg, tmp_path):
-    from train_seg.train import fit
+    from train_seg.engine.trainer import fit
 
     run = _prepared(make_cfg, tmp_path, "trainer.max_bad_steps=3")
     run.criterion = NaNAtSteps(run.criterion, {2, 3})
@@ -332,8 +335,8 @@ def test_non_finite_steps_are_skipped_counted_and_change_no_weight(make_cfg, tmp
 
 
 def test_max_bad_steps_in_a_row_stop_with_the_step_and_the_terms_and_keep_the_checkpoint(make_cfg, tmp_path):
-    from train_seg.engine import NonFiniteLossError
-    from train_seg.train import fit
+    from train_seg.engine.loop import NonFiniteLossError
+    from train_seg.engine.trainer import fit
 
     run = _prepared(make_cfg, tmp_path, "trainer.max_bad_steps=3", "loss=ce_dice")
     run.criterion = NaNAtSteps(run.criterion, {6, 7, 8})  # epoch 2's steps 2-4
@@ -381,9 +384,9 @@ class _Checkpoints:
     (["trainer.checkpoint_every_minutes=null"], []),
 ], ids=["every_3_steps", "every_minute", "epoch_ends_only"])
 def test_mid_epoch_checkpoints_come_when_due_and_never_at_an_epochs_last_step(make_cfg, tmp_path, overrides, expected):
-    from train_seg.train import fit, prepare
+    from train_seg.engine.trainer import fit, prepare
 
-    run = prepare(make_cfg("trainer.max_epochs=2", "trainer.num_threads=1", "logger.tensorboard=null", *overrides),
+    run = prepare(make_cfg("model=tiny", "trainer.max_epochs=2", "trainer.num_threads=1", "logger.tensorboard=null", *overrides),
                   tmp_path / "run")
     probe = _Checkpoints()
     fit(run, [probe, *run.sinks])

@@ -1,4 +1,4 @@
-"""The imbalance figures (train_seg.figures): drawn without raising for every awkward input (failed jobs, absent
+"""The imbalance figures (train_seg.reporting.figures): drawn without raising for every awkward input (failed jobs, absent
 classes, never-predicted classes, zero-share classes, a single job, no class at all), the data actually plotted,
 readable text, and summary.png of a seeded sweep."""
 import math
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from matplotlib.text import Text
 
-from train_seg.figures import imbalance_figure, per_class_figure, plotted_shares, stack_figures
-from train_seg.visualize import figure_to_array
+from train_seg.reporting.figures import imbalance_figure, per_class_figure, plotted_shares, stack_figures
+from train_seg.reporting.visualize import figure_to_array
 
 NAMES = ["background", "lake", "road", "car"]
 SHARES = [0.8813, 0.0798, 0.0352, 0.0038]
@@ -118,7 +118,7 @@ def test_stack_figures_pads_to_the_widest():
 def test_summary_png_of_a_seeded_sweep(tmp_path):
     from test_summary import SEEDED, fake_job  # the hand-made job directories of tests/test_summary.py
 
-    from train_seg.summary import summary_figures, summarize, write_summary
+    from train_seg.reporting.summary import summary_figures, summarize, write_summary
 
     sweep = tmp_path / "sweep"
     num = 0

@@ -1,4 +1,4 @@
-"""train_seg.inference: loading checkpoints, sliding windows, TTA, the notebook ``predict``.
+"""train_seg.evaluation.inference: loading checkpoints, sliding windows, TTA, the notebook ``predict``.
 
 The checkpoint is a real one: a tiny run (64 px MobileNet, 2 steps) trained once per session with the real configs
 (``conftest.compose_cfg``, the function behind the ``make_cfg`` fixture: a module-scoped fixture cannot take the
@@ -19,7 +19,7 @@ from torch import nn
 
 from _dataset_fixtures import truncate
 from conftest import compose_cfg
-from train_seg.inference import (CheckpointError, CheckpointMeta, infer_logits, load_checkpoint_model, predict,
+from train_seg.evaluation.inference import (CheckpointError, CheckpointMeta, infer_logits, load_checkpoint_model, predict,
                                  slide_logits, to_model_input, tta_logits, window_starts)
 
 # a few steps with strong class weights: the model predicts more than one class, so comparisons mean something
@@ -30,7 +30,7 @@ TRAIN_OVERRIDES = ("trainer.max_steps=2", "logger=none", "weighting=inverse", "o
 def trained_run(tmp_path_factory) -> Path:
     """The run directory of a tiny real training (best.pt, last.pt, metrics.json), trained once per session and
     shared with tests/test_evaluate.py."""
-    from train_seg.train import train
+    from train_seg.engine.trainer import train
 
     base = tmp_path_factory.getbasetemp() / "trained"
     run_dir = base / "run"
@@ -80,9 +80,9 @@ def _meta(**changes) -> CheckpointMeta:
 # -- the package -----------------------------------------------------------------------------------------------
 def test_import_train_seg_stays_torch_free_and_exports_load_checkpoint_model():
     import train_seg
-    import train_seg.inference
+    import train_seg.evaluation.inference
 
-    assert train_seg.load_checkpoint_model is train_seg.inference.load_checkpoint_model
+    assert train_seg.load_checkpoint_model is train_seg.evaluation.inference.load_checkpoint_model
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         train_seg.nothing  # noqa: B018
     code = "import sys, train_seg; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
@@ -246,7 +246,7 @@ def test_tta_un_flips_and_resizes_back_before_averaging_logits():
 
 # -- the notebook API ------------------------------------------------------------------------------------------
 def test_predict_matches_the_val_pipeline_at_the_input_size(loaded):
-    from train_seg import build
+    from train_seg.engine import builder as build
     from train_seg.data.base import SegmentationDataset
 
     model, meta = loaded

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from train_seg import visualize
-from train_seg.record import mark_failed
-from train_seg.sinks.tensorboard import (
+from train_seg.reporting import visualize
+from train_seg.reporting.record import mark_failed
+from train_seg.reporting.sinks.tensorboard import (
     TensorBoardLogger,
     custom_scalars_layout,
     hparam_metric_tags,
@@ -170,7 +170,7 @@ def test_mark_failed_keeps_the_last_evaluation(tmp_path):
 def test_crash_mid_training_leaves_failed_status_and_last_evaluation(make_cfg, tmp_path, monkeypatch):
     """fit: a crash in epoch 2 keeps epoch 1's evaluation in metrics.json, marked failed; TensorBoard got the
     layout, hparams, the confusion image and the overlays of epoch 1."""
-    import train_seg.train as train_module
+    import train_seg.engine.trainer as train_module
 
     real_epoch = train_module.train_one_epoch
     calls = []

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 import train_seg.losses as L
-from train_seg.losses._functional import ABSENT_MODES, GDL_WEIGHT_TYPES, generalized_dice_weights
+from train_seg.losses.dice import ABSENT_MODES, GDL_WEIGHT_TYPES, generalized_dice_weights
 from train_seg.losses.base import SegmentationLoss
 
 IGNORE = 255
@@ -863,8 +863,7 @@ def test_weighted_sum_is_binary_when_all_its_terms_are():
 
 
 def test_builder_reads_takes_class_weights():
-    from train_seg import build
-
+    from train_seg.engine import builder as build
     weights = torch.tensor([0.5, 1.0, 2.0])
     by_module_path = build.build_criterion(OmegaConf.create({"_target_": "train_seg.losses.dice.DiceLoss"}), weights)
     assert torch.equal(by_module_path.weight, weights)
@@ -874,7 +873,7 @@ def test_builder_reads_takes_class_weights():
 
 
 def test_head_check_reads_binary_and_tolerates_unknown_targets():
-    from train_seg.config import ConfigError, _check_head_and_loss
+    from train_seg.config.validation import ConfigError, _check_head_and_loss
 
     def check(binary_head, loss):
         _check_head_and_loss(OmegaConf.create({"model": {"binary_head": binary_head}, "loss": loss}))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from train_seg.metrics import ConfusionMatrix, metrics_from_confusion, predictions
+from train_seg.evaluation.metrics import ConfusionMatrix, metrics_from_confusion, predictions
 
 IGNORE = 255
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from train_seg.models import ModelError, build_deeplabv3, hub_checkpoint_path
-from train_seg.optim import lr_factor, warmup_schedule
+from train_seg.models.deeplabv3 import ModelError, build_deeplabv3, hub_checkpoint_path
+from train_seg.engine.optim import lr_factor, warmup_schedule
 
 
 def test_builds_random_init_mobilenet_with_bn_momentum_and_aux():

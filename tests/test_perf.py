@@ -1,4 +1,4 @@
-"""Speed settings (train_seg.perf): the documented worker / thread rule for faked core counts, torch.compile with
+"""Speed settings (train_seg.engine.runtime): the documented worker / thread rule for faked core counts, torch.compile with
 its fallback at every moment it can fail, and each fast path training a few steps with finite losses."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from train_seg import perf
-from train_seg.engine import LoopSettings, train_one_epoch
+from train_seg.engine import runtime as perf
+from train_seg.engine.loop import LoopSettings, train_one_epoch
 from train_seg.losses import CrossEntropyLoss
-from train_seg.metrics import predictions
-from train_seg.models import build_deeplabv3
+from train_seg.evaluation.metrics import predictions
+from train_seg.models.deeplabv3 import build_deeplabv3
 
 CPU = torch.device("cpu")
 ARCH = "deeplabv3_mobilenet_v3_large"
@@ -68,7 +68,7 @@ def test_dataset_kind_and_auto_workers_of_the_loaders(tmp_path):
     from _dataset_fixtures import write_voc
     from omegaconf import OmegaConf
 
-    from train_seg import build
+    from train_seg.engine import builder as build
     from train_seg.data.base import SegmentationDataset
     from train_seg.data.synthetic import SyntheticShapes
     from train_seg.data.voc import VOCSegmentation
@@ -100,7 +100,7 @@ def test_dataset_kind_and_auto_workers_of_the_loaders(tmp_path):
 
 
 def test_config_accepts_auto_and_refuses_bad_counts(make_cfg):
-    from train_seg.config import ConfigError, validate_config
+    from train_seg.config.validation import ConfigError, validate_config
 
     cfg = make_cfg(tiny=False)
     assert cfg.trainer.num_workers == "auto" and cfg.trainer.compile is False and cfg.trainer.cudnn_benchmark is True

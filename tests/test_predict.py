@@ -1,9 +1,9 @@
-"""``python -m train_seg.predict``: masks, overlays and probabilities of images of every mode and size, failures
+"""``python -m train_seg.cli.predict``: masks, overlays and probabilities of images of every mode and size, failures
 reported by name (exit 1), refusals before any work (exit 2), output names, and the command line itself (one
 subprocess).
 
 The checkpoint is the tiny real run of tests/test_inference.py (64 px MobileNet, 2 steps; trained once per session).
-Most tests call ``train_seg.predict.main`` in-process (it ends with ``SystemExit``)."""
+Most tests call ``train_seg.cli.predict.main`` in-process (it ends with ``SystemExit``)."""
 from __future__ import annotations
 
 import os
@@ -17,9 +17,9 @@ from PIL import Image
 
 from conftest import ROOT, cli_env
 from test_inference import ConvModel, loaded, run_dir  # noqa: F401  (module fixtures: the tiny trained run)
-from train_seg import inference
-from train_seg.inference import predict
-from train_seg.predict import class_palette, default_palette, main, output_stems
+from train_seg.evaluation import inference
+from train_seg.evaluation.inference import predict
+from train_seg.cli.predict import class_palette, default_palette, main, output_stems
 
 CLASSES = ["background", "lake", "road", "car"]
 
@@ -214,7 +214,7 @@ def test_bad_arguments_exit_2_naming_the_key(tmp_path, capsys, monkeypatch, args
     monkeypatch.chdir(tmp_path)
     assert run(*args) == 2
     err = capsys.readouterr().err
-    assert match in err and err.startswith("train_seg.predict: error: ")
+    assert match in err and err.startswith("train_seg.cli.predict: error: ")
     assert not (tmp_path / "o").exists()
 
 
@@ -237,11 +237,11 @@ def test_cli_subprocess_reports_failures_and_exits_1(run_dir, tmp_path):
     Image.fromarray(synthetic_rgb(0)).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"\x00" * 64)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "train_seg.predict", f"ckpt={run_dir}", f"input={tmp_path}/*.png",
+    result = subprocess.run([sys.executable, "-m", "train_seg.cli.predict", f"ckpt={run_dir}", f"input={tmp_path}/*.png",
                              f"output={out}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"{tmp_path / 'b.png'}: not an image" in result.stderr
     assert "wrote the outputs of 1 of 2 inputs" in result.stdout and (out / "a_mask.png").is_file()
-    help_text = subprocess.run([sys.executable, "-m", "train_seg.predict", "--help"], cwd=ROOT, env=env(),
+    help_text = subprocess.run([sys.executable, "-m", "train_seg.cli.predict", "--help"], cwd=ROOT, env=env(),
                                capture_output=True, text=True, timeout=300)
     assert help_text.returncode == 0 and "inference.mode" in help_text.stdout and "save_probs" in help_text.stdout

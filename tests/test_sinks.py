@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from train_seg import record
-from train_seg.events import Sink
-from train_seg.train import train
+from train_seg.reporting import record
+from train_seg.reporting.events import Sink
+from train_seg.engine.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "train_seg"
@@ -82,15 +82,15 @@ def test_tensorboard_off_writes_no_event_file(make_cfg, tmp_path):
 
 
 def test_a_logger_entry_without_target_is_a_config_error(make_cfg, tmp_path):
-    from train_seg.config import ConfigError
-    from train_seg.train import prepare
+    from train_seg.config.validation import ConfigError
+    from train_seg.engine.trainer import prepare
 
     with pytest.raises(ConfigError, match=r"logger\.csv"):
         prepare(make_cfg("+logger.csv.path=x.csv"), tmp_path / "run")
 
 
 def _crash_in_epoch(monkeypatch, error: BaseException, epoch: int = 2):
-    import train_seg.train as train_module
+    import train_seg.engine.trainer as train_module
 
     real, calls = train_module.train_one_epoch, []
 
@@ -181,14 +181,14 @@ def _imports(path: Path) -> set[str]:
 def test_results_travel_one_way_nothing_imports_the_loop():
     """Only the command-line entry points import the loop's module; sinks, engine, record and state never do."""
     importers = sorted(str(path.relative_to(SRC)) for path in SRC.rglob("*.py")
-                       if "train_seg.train" in _imports(path) and path.name != "train.py")
+                       if "train_seg.engine.trainer" in _imports(path) and path.name != "train.py")
     assert importers == ["__main__.py", "preflight.py"]  # the entry point and its pre-Hydra check
     for module in ("events.py", "record.py", "state.py", "engine.py", "metrics.py"):  # the stages before the sinks
-        assert not [name for name in _imports(SRC / module) if name.startswith("train_seg.sinks")], module
+        assert not [name for name in _imports(SRC / module) if name.startswith("train_seg.reporting.sinks")], module
 
 
 def test_the_record_is_written_in_one_module():
-    """metrics.json is named and written by train_seg.record only (and read by the summary through it)."""
+    """metrics.json is named and written by train_seg.reporting.record only (and read by the summary through it)."""
     writers = sorted(str(path.relative_to(SRC)) for path in SRC.rglob("*.py")
                      if '"metrics.json"' in path.read_text() and path.name != "record.py")
     assert writers == [] or all(name == "summary.py" for name in writers), writers
@@ -197,8 +197,8 @@ def test_the_record_is_written_in_one_module():
 def test_the_console_says_when_a_rare_class_is_starved():
     import torch
 
-    from train_seg.metrics import metrics_from_confusion
-    from train_seg.sinks.console import starved_note
+    from train_seg.evaluation.metrics import metrics_from_confusion
+    from train_seg.reporting.sinks.console import starved_note
 
     names, share, rare = ["background", "car"], [0.995, 0.005], torch.tensor([False, True])
     never = metrics_from_confusion(torch.tensor([[990, 0], [10, 0]]))

@@ -1,5 +1,5 @@
-"""The sweep summary (``train_seg.summary``) on hand-made job directories: every status, class order, rare-class
-mean, the CSV/Markdown/PNG files, and ``python -m train_seg.summary`` on a partial sweep."""
+"""The sweep summary (``train_seg.reporting.summary``) on hand-made job directories: every status, class order, rare-class
+mean, the CSV/Markdown/PNG files, and ``python -m train_seg.reporting.summary`` on a partial sweep."""
 import csv
 import json
 import math
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env
-from train_seg.summary import (console_table, csv_rows, find_job_dirs, markdown, mean_std, parse_baseline,
+from train_seg.reporting.summary import (console_table, csv_rows, find_job_dirs, markdown, mean_std, parse_baseline,
                                summarize, swept_keys, write_summary)
-from train_seg.summary import main as summary_main
+from train_seg.reporting.summary import main as summary_main
 
 # class order in the dataset is NOT the order by pixel share: the summary must sort it
 CLASSES = ["background", "car", "lake", "road"]
@@ -142,8 +142,8 @@ def test_job_dirs_are_found_even_when_nested(tmp_path):
 @pytest.mark.slow
 def test_summary_command_on_a_partial_sweep_without_torch(partial_sweep):
     """The real command, in a fresh interpreter: writes the three files, lists every job, never imports torch."""
-    code = ("import sys, runpy; sys.argv = ['train_seg.summary', sys.argv[1], '--rare-share', '0.05']\n"
-            "try:\n    runpy.run_module('train_seg.summary', run_name='__main__')\n"
+    code = ("import sys, runpy; sys.argv = ['train_seg.reporting.summary', sys.argv[1], '--rare-share', '0.05']\n"
+            "try:\n    runpy.run_module('train_seg.reporting.summary', run_name='__main__')\n"
             "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
             "assert 'torch' not in sys.modules, 'the summary imported torch'\n")
     result = subprocess.run([sys.executable, "-c", code, str(partial_sweep)], env=cli_env(), capture_output=True,
@@ -154,7 +154,7 @@ def test_summary_command_on_a_partial_sweep_without_torch(partial_sweep):
     for status in ("completed", "failed", "running", "incomplete"):
         assert status in result.stdout
     assert "--rare-share 0.05" in (partial_sweep / "summary.md").read_text()
-    missing = subprocess.run([sys.executable, "-m", "train_seg.summary", str(partial_sweep / "nope")], env=cli_env(),
+    missing = subprocess.run([sys.executable, "-m", "train_seg.reporting.summary", str(partial_sweep / "nope")], env=cli_env(),
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "not a directory" in missing.stderr
 
@@ -320,7 +320,7 @@ def test_summary_command_baseline_option(seeded_sweep, capsys):
 def test_sweep_callback_reads_summary_baseline_and_checks_seeds(seeded_sweep):
     from omegaconf import OmegaConf
 
-    from train_seg.sweep import SweepSummaryCallback
+    from train_seg.reporting.sweep import SweepSummaryCallback
 
     callback = SweepSummaryCallback(exit_on_failure=False)
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(seeded_sweep)}}, "seeds": 3,
@@ -336,8 +336,8 @@ def test_sweep_callback_reads_summary_baseline_and_checks_seeds(seeded_sweep):
 
 # ------------------------------------------------------------------------------------------ reading through the record
 def test_read_job_reads_metrics_json_through_the_run_record(tmp_path):
-    from train_seg import record
-    from train_seg.summary import read_job
+    from train_seg.reporting import record
+    from train_seg.reporting.summary import read_job
 
     sweep = tmp_path / "sweep"
     job_dir = fake_job(sweep, "0_weighting=none", ["weighting=none"])
@@ -357,8 +357,8 @@ def test_read_job_reads_metrics_json_through_the_run_record(tmp_path):
 
 
 def test_read_job_never_raises_on_a_bad_record(tmp_path):
-    from train_seg import record
-    from train_seg.summary import read_job
+    from train_seg.reporting import record
+    from train_seg.reporting.summary import read_job
 
     sweep = tmp_path / "sweep"
     bad = {"0_a=1": "{not json", "1_a=2": "[1, 2]", "2_a=3": json.dumps({"version": record.VERSION + 1}),
@@ -377,9 +377,9 @@ def test_read_job_never_raises_on_a_bad_record(tmp_path):
 def test_summary_names_the_record_file_only_through_train_seg_record():
     import ast
 
-    import train_seg.summary
+    import train_seg.reporting.summary
 
-    tree = ast.parse(Path(train_seg.summary.__file__).read_text())
+    tree = ast.parse(Path(train_seg.reporting.summary.__file__).read_text())
     docstrings = {id(node.body[0].value) for node in ast.walk(tree)
                   if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node)}
     literals = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and id(node) not in docstrings

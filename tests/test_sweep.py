@@ -100,7 +100,7 @@ def test_sweep_presets_set_the_sweeper_params_and_their_options_exist(preset, ex
         for option in options.split(",") if group != "seed" else ():
             assert (Path(CONFIG_DIR) / group / f"{option}.yaml").is_file(), f"{group}={option}"
     assert cfg.trainer.max_epochs == 8 and cfg.trainer.num_workers == 0  # experiment=quick composes with it
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "train_seg.sweep.SweepSummaryCallback"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "train_seg.reporting.sweep.SweepSummaryCallback"
     assert "sweep" in cfg.hydra.job.config.override_dirname.exclude_keys
     assert compose_with_hydra(f"sweep={preset}", "seeds=3").hydra.sweeper.params.seed == "range(0,3)"
 

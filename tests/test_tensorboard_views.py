@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import cli_env
-from train_seg import visualize
-from train_seg.events import eval_scalars
-from train_seg.metrics import metrics_from_confusion
-from train_seg.sinks.tensorboard import (
+from train_seg.reporting import visualize
+from train_seg.reporting.events import eval_scalars
+from train_seg.evaluation.metrics import metrics_from_confusion
+from train_seg.reporting.sinks.tensorboard import (
     MAX_CLASS_CHARTS,
     SWEEP_EXPERIMENT_SUFFIX,
     TensorBoardLogger,
@@ -200,7 +200,7 @@ def test_metric_columns_start_with_the_rarest_class():
 def test_run_context_tells_a_sweep_job_from_a_single_run(tmp_path):
     import yaml
 
-    from train_seg.sinks.tensorboard import run_context
+    from train_seg.reporting.sinks.tensorboard import run_context
 
     sweep = tmp_path / "sweep"
     job = sweep / "0_weighting=none"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from train_seg.checkpoint import load_checkpoint
-from train_seg.config import ConfigError
-from train_seg.train import prepare, train
+from train_seg.config.validation import ConfigError
+from train_seg.engine.trainer import prepare, train
 
 CLASSES = ["background", "lake", "road", "car"]
 
@@ -54,7 +54,7 @@ def test_inverse_weighting_reaches_the_loss(make_cfg, tmp_path):
 
 
 def test_resume_continues_exactly(make_cfg, tmp_path, monkeypatch):
-    import train_seg.train as train_module
+    import train_seg.engine.trainer as train_module
 
     straight = train(make_cfg("trainer.max_epochs=2", f"paths.output_dir={tmp_path / 'a'}"), tmp_path / "a")
 
@@ -127,7 +127,7 @@ def test_config_error_type(make_cfg, tmp_path):
 @pytest.mark.parametrize("value, dtype", [("auto", torch.bfloat16), ("bf16-mixed", torch.bfloat16), ("32", None),
                                           (32, None), ("bf16", torch.bfloat16)])
 def test_precision_on_cpu(value, dtype):
-    from train_seg.config import resolve_precision
+    from train_seg.config.validation import resolve_precision
 
     assert resolve_precision(value, torch.device("cpu")) is dtype
 
@@ -145,7 +145,7 @@ def test_binary_head_trains_with_binary_losses(make_cfg, tmp_path, loss):
 
 
 def test_repeat_factor_sampler_drives_the_epoch_length(make_cfg, tmp_path):
-    from train_seg.train import prepare
+    from train_seg.engine.trainer import prepare
 
     run = prepare(make_cfg("sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12"), tmp_path / "r")
     run.sampler.set_epoch(0)

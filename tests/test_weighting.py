@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from train_seg.data.class_stats import ClassStats
-from train_seg.weighting import (
+from train_seg.losses.weighting import (
     NORMALIZATIONS,
     SCHEMES,
     all_scheme_weights,

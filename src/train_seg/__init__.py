@@ -1,6 +1,6 @@
 """train_seg: DeepLabV3 segmentation training for class-imbalanced data (``python -m train_seg``).
 
-Importing the package registers the typed config schemas (``train_seg.schema``) in Hydra's ConfigStore: the YAML
+Importing the package registers the typed config schemas (``train_seg.config.schema``) in Hydra's ConfigStore: the YAML
 files of configs/ extend them, so compose the configs after ``import train_seg``. This import stays light (no torch).
 """
 import os
@@ -14,8 +14,8 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
 # albumentations checks PyPI for a newer release at import: never from this package (set once, before any import)
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from train_seg.naming import register_resolvers  # noqa: E402
-from train_seg.schema import register_schemas  # noqa: E402
+from train_seg.config.naming import register_resolvers  # noqa: E402
+from train_seg.config.schema import register_schemas  # noqa: E402
 
 register_schemas()
 register_resolvers()
@@ -24,7 +24,7 @@ register_resolvers()
 def __getattr__(name: str):
     """Lazy exports, so that ``import train_seg`` stays torch-free: ``train_seg.load_checkpoint_model``."""
     if name == "load_checkpoint_model":
-        from train_seg.inference import load_checkpoint_model
+        from train_seg.evaluation.inference import load_checkpoint_model
 
         return load_checkpoint_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

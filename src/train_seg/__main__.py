@@ -3,9 +3,9 @@
 Returns the best value of ``optimized_metric`` (so Hydra sweepers can optimise it). Bad input (an override, a
 config value, the dataset, a weights file, a checkpoint, a run directory that cannot be written) is reported as one
 paragraph on stderr and exits with status 2 before training starts and before Hydra writes anything
-(``train_seg.preflight``); so do a sample that becomes unreadable during training and a disk that fills.
+(``train_seg.cli.preflight``); so do a sample that becomes unreadable during training and a disk that fills.
 In a multirun, any failure of a job marks that job failed (metrics.json ``status: failed``, NaN returned) and the
-other jobs go on; the sweep summary lists it and the process exits with status 1 (see ``train_seg.sweep``).
+other jobs go on; the sweep summary lists it and the process exits with status 1 (see ``train_seg.reporting.sweep``).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from train_seg import preflight
+from train_seg.cli import preflight
 from train_seg.atomic import DiskFullError
-from train_seg.cli import CONFIG_DIR, USER_ERRORS, exit_with_user_error, report_hydra_errors
+from train_seg.config.command_line import CONFIG_DIR, USER_ERRORS, exit_with_user_error, report_hydra_errors
 from train_seg.data.base import DatasetError
 
 log = logging.getLogger("train_seg")
@@ -38,7 +38,7 @@ def run_task(cfg: DictConfig) -> float:
     """One run (or one sweep job). Under torchrun or a multi-task SLURM step it runs inside a process group
     (``train_seg.distributed.session``: gloo on CPU, NCCL on CUDA, destroyed on every exit path)."""
     from train_seg import distributed
-    from train_seg.config import resolve_device
+    from train_seg.config.validation import resolve_device
 
     env = distributed.discover()
     if not env.distributed:
@@ -59,9 +59,9 @@ def run_task(cfg: DictConfig) -> float:
 
 
 def _run(cfg: DictConfig) -> float:
-    from train_seg.engine import NonFiniteLossError
-    from train_seg.signals import RunInterrupted
-    from train_seg.train import fit, prepare
+    from train_seg.engine.loop import NonFiniteLossError
+    from train_seg.engine.signals import RunInterrupted
+    from train_seg.engine.trainer import fit, prepare
 
     run_dir = Path(cfg.paths.output_dir)
     if _is_multirun():
@@ -91,7 +91,7 @@ def _run(cfg: DictConfig) -> float:
 def _exit_interrupted(exc, cfg: DictConfig, run_dir: Path):
     """A stop signal: the run saved its state; one line says how to continue it, then exit 128 + the signal.
     Under SLURM with ``trainer.requeue_on_signal=true`` the job is requeued first."""
-    from train_seg.signals import requeue_slurm_job
+    from train_seg.engine.signals import requeue_slurm_job
 
     overrides = [o for o in HydraConfig.get().overrides.task
                  if not o.startswith(("trainer.resume=", "hydra.run.dir="))]
@@ -110,9 +110,9 @@ def _run_sweep_job(cfg: DictConfig, run_dir: Path) -> float:
     """One job of a multirun. A failure (bad input or a crash in training) is logged into the job's log, recorded
     in its metrics.json as ``status: failed`` with the error (keeping the last completed evaluation) and returned as
     NaN, so the sweeper launches the other jobs and the sweep callback writes the summary, lists this job as failed
-    and exits non-zero (see train_seg.sweep)."""
-    from train_seg.record import mark_failed
-    from train_seg.train import fit, prepare
+    and exits non-zero (see train_seg.reporting.sweep)."""
+    from train_seg.reporting.record import mark_failed
+    from train_seg.engine.trainer import fit, prepare
 
     try:
         return _best_value(fit(prepare(cfg, run_dir)).best)

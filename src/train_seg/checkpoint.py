@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m train_seg.checkpoint convert OLD NEW``: see ``convert``."""
     import sys
 
-    from train_seg.cli import exit_with_user_error
+    from train_seg.config.command_line import exit_with_user_error
 
     args = sys.argv[1:] if argv is None else list(argv)
     if len(args) != 3 or args[0] != "convert":

@@ -1,35 +1,17 @@
-"""Distributed training on ``torch.distributed``: who this process is (``discover``), the process group
-(``setup`` / ``teardown`` / ``session``), the few collectives the trainer needs, SyncBatchNorm, and rank-aware
-samplers. Nothing here is home-made transport: torchrun, SLURM's ``srun`` and ``torch.distributed`` do the work.
+"""Distributed training on ``torch.distributed``: who this process is (``discover``), the process group (``setup`` /
+``teardown`` / ``session``), the few collectives the trainer needs, SyncBatchNorm and rank-aware samplers.
 
-Where the rank comes from (``discover``), first match wins:
+``discover``, first match wins: ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ...); ``slurm`` (a task of
+an ``srun`` step of more than one task: ``SLURM_PROCID``, ``SLURM_LOCALID``, the step's task count and node list;
+master = first host of the node list, port = ``MASTER_PORT`` else ``10000 + SLURM_JOB_ID % 20000``); ``single``
+(anything else). A world of one process creates no process group: ``setup`` only picks the device and every
+collective helper is a no-op.
 
-* ``torchrun``: ``RANK``, ``WORLD_SIZE`` (and ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
-  ``MASTER_PORT``), which torchrun sets for every worker.
-* ``slurm``: a task started by ``srun`` (the submitit launcher does that) in a step of more than one task:
-  ``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``), tasks on this node
-  (``SLURM_NODEID``) from ``SLURM_STEP_TASKS_PER_NODE``, ``SLURM_NTASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE``, the
-  master address is the first host of the step's node list (``SLURM_STEP_NODELIST``, ``SLURM_JOB_NODELIST`` or
-  ``SLURM_NODELIST``: srun puts rank 0 on it), the port is ``MASTER_PORT`` if set, else derived from the job id
-  (``10000 + SLURM_JOB_ID % 20000``: the same on every task, different for most concurrent jobs).
-* ``single``: anything else, e.g. ``python -m train_seg`` on a laptop or a SLURM job of one task.
-
-A world of one process (``torchrun --nproc_per_node=1``) creates no process group: ``setup`` only picks the
-device, and every helper below is then a no-op, so a single-process run is exactly what it was.
-
-Failure on one rank (what ends every rank non-zero, without a hang):
-
-1. The failing rank's exception propagates out of ``session``, which destroys the process group and re-raises:
-   that process exits non-zero with its own traceback.
-2. Its peers are then stuck in, or about to enter, a collective (DDP's gradient all-reduce, a broadcast, the
-   confusion-matrix reduce). torchrun's elastic agent sees a worker exit non-zero and terminates the others
-   (its summary names the failing rank as "Root Cause" with its traceback); ``torch.multiprocessing.spawn``
-   does the same. Without an agent (``srun``, or processes started by hand), gloo peers fail at once when the
-   failed rank's sockets close; any peer still waiting (a rank that hangs rather than dies, or NCCL, which does
-   not notice a closed socket) is ended by the process-group ``timeout`` (``timeout_s``). ``session`` turns such
-   a collective error into ``RankFailure``, one paragraph saying that another rank failed, so rank 0's log
-   reads as what happened, not as a gloo stack trace. The SLURM presets also set ``SLURM_KILL_BAD_EXIT=1``
-   (srun then kills a step's other tasks when one fails).
+Failure on one rank ends every rank non-zero, without a hang: the failing rank's exception propagates out of
+``session`` (which destroys the group and re-raises); its peers are stopped by torchrun's agent, by gloo noticing
+the closed sockets, or at the latest by the process-group timeout (``timeout_s``). ``session`` turns such a
+collective error into ``RankFailure``, a one-paragraph message naming another rank's failure. See README.md,
+"Scaling out".
 """
 from __future__ import annotations
 
@@ -460,7 +442,7 @@ def eval_sampler(dataset_len: int) -> Sampler[int] | None:
 
 
 def shard_eval_sampler(dataset_len: int, env: DistEnv) -> Sampler[int] | None:
-    """None in one process (the DataLoader's sequential order, as before), else ``ShardedEvalSampler``."""
+    """None in one process (the DataLoader keeps its sequential order), else ``ShardedEvalSampler``."""
     return ShardedEvalSampler(dataset_len, env.world_size, env.rank) if env.distributed else None
 
 

@@ -1,21 +1,14 @@
 """ADE20K SceneParsing / ADEChallengeData2016 (``dataset=ade20k``): 150 classes.
 
-Layout (``ADEChallengeData2016.zip``)::
-
-    ADEChallengeData2016/images/{training,validation}/ADE_{train,val}_<n>.jpg
-    ADEChallengeData2016/annotations/{training,validation}/ADE_{train,val}_<n>.png    grayscale, 0 = other, 1..150
-
-``root`` may point at ``ADEChallengeData2016`` or at its parent. Split "train" reads ``training``, "val" reads
+Layout: ``ADEChallengeData2016/images/{training,validation}/ADE_{train,val}_<n>.jpg`` and
+``ADEChallengeData2016/annotations/{training,validation}/ADE_{train,val}_<n>.png`` (grayscale, 0 = other,
+1..150); ``root`` may be ``ADEChallengeData2016`` or its parent. Split "train" reads ``training``, "val"
 ``validation``.
 
-Labels (``reduce_zero_label: true``, the benchmark convention): raw 0 ("other objects", not evaluated) becomes
-``ignore_index`` and 1..150 become 0..149, by a 256-entry lookup table. Raw values above 150 are passed through
-unchanged (151 -> 151, ...), so the class-statistics pass reports them as invalid with the file name. With
-``reduce_zero_label: false`` the raw values are the labels and "other" is class 0 (151 classes).
-
-Class names: the short names of ``objectInfo150`` (SceneParsing devkit), as used by MMSegmentation ("wall",
-"building", "sky", ...). Palette: MMSegmentation's ADE20K palette (its ``ade_palette()``), the one most published
-ADE20K figures use; note that it repeats (140, 140, 140) for "road" and "skyscraper" -- it is for display only.
+Labels: with ``reduce_zero_label: true`` (default) raw 0 becomes ``ignore_index`` and 1..150 become 0..149; with
+``false`` the raw values are the labels (151 classes, "other" = 0). Raw values above 150 pass through unchanged, so
+the class-statistics pass reports them as invalid with the file name. Class names: ``objectInfo150``'s short
+names; palette: MMSegmentation's ADE20K palette (display only: it repeats a colour for "road" and "skyscraper").
 """
 from __future__ import annotations
 

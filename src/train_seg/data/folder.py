@@ -1,26 +1,13 @@
 """Any dataset stored as a folder of images and a folder of masks (``dataset=folder``).
 
-Layout: ``root/images/<stem>.<ext>`` and ``root/masks/<stem>.<ext>``, paired by file stem (``a.jpg`` <-> ``a.png``).
-Images: any of .jpg .jpeg .png .bmp .tif .tiff .webp. Masks: PNG is strongly recommended (JPEG compression changes
-label values and colours).
+Layout: ``root/images/<stem>.<ext>`` and ``root/masks/<stem>.<ext>``, paired by stem; images .jpg .jpeg .png .bmp
+.tif .tiff .webp; masks should be PNG. ``mask_mode=index``: each pixel is a class index (``label_map`` remaps raw
+values first, ``ignore_index`` is ignored); ``mask_mode=rgb``: each pixel is a class colour from ``palette``,
+``ignore_colors`` map to ``ignore_index``, any other colour is a ``DatasetError`` naming the file and colours.
 
-Masks (``mask_mode``):
-  * ``index``: each pixel stores its class index (palette "P" PNG -- the stored index, not the colour -- or
-    grayscale "L"). Values 0..K-1 are classes, ``ignore_index`` is ignored, and ``label_map`` may remap raw values
-    first (e.g. ``{255: 1}`` for binary masks saved as 0/255: WITHOUT it, 255 would silently be ignored).
-  * ``rgb``: each pixel stores its class colour; ``palette`` (one [r, g, b] per class, in class order) gives the
-    colour of each class, ``ignore_colors`` lists colours mapped to ``ignore_index``. Any other colour is an error
-    naming the file and the colours. Vectorised: each pixel's rgb is packed into one int24 and looked up with
-    ``np.searchsorted`` in the sorted packed palette.
-
-Splits, first match wins:
-  1. ``split_files: {train: train.txt, val: val.txt}`` (paths relative to ``root``, or absolute): one stem per
-     line (blank lines and ``#`` comments skipped), images from the flat ``root/images``.
-  2. ``root/images/train`` and ``root/images/val`` subfolders (masks in ``root/masks/train``, ``root/masks/val``).
-  3. A seeded ratio over the flat ``root/images``: ``val_ratio`` of the images (rounded, at least one of each
-     split when there are two or more images) go to val, the rest to train. Images are ordered by
-     ``sha256(f"{split_seed}:{stem}")`` and the first ``n_val`` form val, so the split is deterministic on every
-     machine, disjoint, covers all images, and adding images moves few existing ones across splits.
+Splits, first match wins: ``split_files`` (one stem per line, ``#`` comments), ``root/images/{train,val}``
+subfolders, else a deterministic ratio over the flat folder (``val_ratio``, images ordered by
+``sha256(f"{split_seed}:{stem}")``, at least one per split when there are two or more images).
 """
 from __future__ import annotations
 

@@ -1,21 +1,13 @@
 """The order of a training epoch, as a pure function of ``(seed, epoch)``: what makes a run resumable at any step.
 
-``EpochOrder`` is the training loader's sampler. For epoch ``e`` it draws the epoch's index list (a permutation of
-the split, or the repeat-factor sampler's list, ``train_seg.data.sampler``) from ``(seed, e)`` alone, and gives
-every position ``p`` of that list its own augmentation seed ``SeedSequence([seed, e, p])``. It yields
-``(index, sample_seed)`` pairs; ``SeededSamples`` reseeds the augmentation pipeline with ``sample_seed`` before
-loading ``index``. So what a batch holds, image and augmentation, depends on its position in the epoch only:
-
-- not on ``trainer.num_workers`` (0, 2 or 8 workers, persistent or not, train on identical batches);
-- not on what ran before in the process: a run resumed mid-epoch (``start_at``) skips the consumed positions
-  without loading their images and continues with exactly the batches the uninterrupted run would have seen.
-
-Under ``torch.distributed`` each of ``world_size`` ranks takes the positions ``rank, rank + W, ...`` of the SAME
-epoch list (truncated to a multiple of ``W``): disjoint shares whose union is the epoch.
-
-Augmentations that draw from python's or numpy's global generators instead of the albumentations pipeline's own
-are not reseeded per sample (they follow the worker's seed): albumentations transforms are exact, others are
-reproducible per run but not across a mid-epoch resume.
+``EpochOrder`` (the training loader's sampler) draws epoch ``e``'s index list (a permutation, or the repeat-factor
+list of ``train_seg.data.sampler``) from ``(seed, e)`` alone and gives every position ``p`` the augmentation seed
+``SeedSequence([seed, e, p])``; it yields ``(index, sample_seed)`` pairs, and ``SeededSamples`` reseeds the
+augmentation pipeline with ``sample_seed`` before loading ``index``. A batch therefore depends only on its position:
+not on ``trainer.num_workers``, and not on what ran before (``start_at`` resumes mid-epoch with exactly the batches
+of the uninterrupted run). Under ``torch.distributed`` rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of
+the same list, truncated to a multiple of ``W``. Only the albumentations pipeline's own generator is reseeded:
+transforms drawing from python's or numpy's global generators are not reproducible across a mid-epoch resume.
 """
 from __future__ import annotations
 

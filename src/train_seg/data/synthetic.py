@@ -1,30 +1,12 @@
-"""The embedded default dataset: synthetic aerial-style scenes with a strong class imbalance.
+"""The embedded default dataset (``dataset=synthetic``): synthetic aerial-style scenes with a strong class imbalance.
 
-Every image is generated from ``(seed, split, index)`` alone, so the dataset needs no files, is identical on
-every machine, and can be regenerated inside DataLoader workers.
-
-Classes (shares measured on the default 300 train images of 128 px; `python -m train_seg.stats` prints them):
-
-====  ==========  ==========================================================  ==============
-id    name        shape and texture                                           pixel share
-====  ==========  ==========================================================  ==============
-0     background  smooth low-frequency colour field + grain                   87.75%
-1     lake        1-2 large ellipses, horizontal ripple texture               7.91%
-2     road        one straight band, 8-12 px wide, crossing the image,        3.50%
-                  dashed centre line
-3     car         1-2 squares of 18-24 px, 2-px checkerboard texture, in      0.83% (rare)
-                  a quarter of the non-empty images (61 of 300)
-====  ==========  ==========================================================  ==============
-
-Colours are drawn per object from overlapping ranges and every pixel gets Gaussian noise, so no single colour
-identifies a class: a model has to use texture and shape. ``empty_fraction`` of the images (default 15%) are drawn
-without foreground, and some more get none by chance: 90 of the 300 default training images (30%) hold background
-only. The rare class is rare by how seldom it appears, not by being tiny: 18-24 px is just above the 16-px cell
-of DeepLabV3-MobileNet's 1/16-resolution output at 128 px, so a model CAN draw it, and whether it does is decided
-by the loss and the class weights: in the default 8 epochs plain cross-entropy ended at car IoU 0.000, 0.000,
-0.002 (seeds 0-2) and 0.000 (seed 42, never predicted); sqrt-inverse weights (0.46 +- 0.03) or CE + Dice (0.56)
-found it in every run (README "The imbalance story"). ``car_size`` and ``car_probability`` change the layout;
-objects below ~16 px need ``model.output_stride=8``.
+Every image is generated from ``(seed, split, index)`` alone: no files, identical on every machine, and
+regenerable inside DataLoader workers. Classes: 0 background (smooth colour field + grain), 1 lake (1-2 large
+ellipses with ripples), 2 road (one 8-12 px band with a dashed centre line), 3 car (the rare class: 1-2
+checkered squares of ``car_size`` px in a ``car_probability`` share of the non-empty images). Colours are drawn
+per object from overlapping ranges with per-pixel noise, so a model must use texture and shape.
+``empty_fraction`` of the images have no foreground. Pixel shares: ``python -m train_seg.cli.stats``; the
+default layout and its consequences: README.md, "The embedded dataset".
 """
 from __future__ import annotations
 

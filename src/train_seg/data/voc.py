@@ -1,22 +1,13 @@
-"""Pascal VOC 2012 segmentation (``dataset=voc``), optionally with the SBD-augmented training set.
+"""Pascal VOC 2012 segmentation (``dataset=voc``), optionally with the SBD-augmented training set (``aug: true``).
 
-Layout (the ``VOCtrainval_11-May-2012.tar`` archive, plus SBD's ``SegmentationClassAug`` for ``aug: true``)::
+Layout under ``VOCdevkit/VOC2012``: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette PNGs, stored
+index = class), ``SegmentationClassAug/<id>.png`` (aug: grayscale index PNGs), ``ImageSets/Segmentation/
+{train,val,train_aug}.txt`` (one id per line). ``root`` may be the parent of ``VOCdevkit``, ``VOCdevkit`` or
+``VOC2012``: the first of ``root/VOCdevkit/VOC2012``, ``root/VOC2012``, ``root`` that exists is used.
 
-    VOCdevkit/VOC2012/JPEGImages/<id>.jpg
-    VOCdevkit/VOC2012/SegmentationClass/<id>.png        palette ("P") PNGs: stored index = class, 255 = boundary
-    VOCdevkit/VOC2012/SegmentationClassAug/<id>.png     (aug) grayscale index PNGs, same values
-    VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt, train_aug.txt (aug), one image id per line
-
-``root`` may point at the parent of ``VOCdevkit``, at ``VOCdevkit`` or at ``VOC2012`` itself; the first of
-``root/VOCdevkit/VOC2012``, ``root/VOC2012``, ``root`` that exists is used.
-
-Labels: 21 classes (0 = background), the 255 "boundary/difficult" value is ``ignore_index``. Mask values are read
-as stored indices (never through the palette colours). Values that are neither 0..20 nor 255 are passed through
-unchanged, so the class-statistics pass reports them with the file name.
-
-``torchvision.datasets.VOCSegmentation`` is not used: it accepts only the parent of ``VOCdevkit``, has no
-SBD-augmented split, and reports a missing folder as "Dataset not found or corrupted"; the reader here is a few
-lines and names the missing folder.
+Labels: 21 classes (0 = background), 255 ("boundary/difficult") is ``ignore_index``; masks are read as stored
+indices, never through the palette colours. Other values pass through unchanged, so the class-statistics pass
+reports them with the file name. A missing folder raises ``DatasetError`` naming it.
 """
 from __future__ import annotations
 

@@ -5,10 +5,11 @@ for the binary losses) and an integer target ``(N, H, W)``; it returns a scalar 
 disabled inside). Pixels labelled ``ignore_index`` count nowhere; an all-ignored batch gives 0 with a gradient.
 Pixel losses are weighted means ``sum_i w[y_i] l_i / sum_i w[y_i]``; region losses are computed per class over
 the whole batch and averaged over classes with the class weights. Each class docstring states its formula.
-The math lives in one module per family (``_pixel``, ``_region``, ``_lovasz``, ``_binary``), gathered with
-its conventions in :mod:`train_seg.losses._functional`. Every class except the composition ``WeightedSum``
-derives from :class:`train_seg.losses.base.SegmentationLoss` and declares ``binary`` (one-channel sigmoid
-loss) and ``takes_class_weights`` (its constructor accepts ``weight``, which the builder then injects).
+Each family is one module holding its functional form and its class: ``cross_entropy``, ``focal``, ``ohem``,
+``dice`` (Dice, generalized Dice, Tversky), ``lovasz``, ``binary``, ``combo``; shared conventions, checks and
+helpers are in :mod:`train_seg.losses.base`. Every class except the composition ``WeightedSum`` derives from
+:class:`train_seg.losses.base.SegmentationLoss` and declares ``binary`` (one-channel sigmoid loss) and
+``takes_class_weights`` (its constructor accepts ``weight``, which the builder then injects).
 """
 
 from .binary import BCEWithLogitsLoss, BinaryDiceLoss, SigmoidFocalLoss

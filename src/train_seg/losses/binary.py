@@ -5,17 +5,66 @@ background and ``ignore_index`` = ignored (any other label counts as background)
 weight vector ``[w_bg, w_fg]`` produced by the class weighting, used per pixel as ``w[y_i]``; the pixel losses
 reduce as the weighted mean ``sum_i w[y_i] l_i / sum_i w[y_i]`` over non-ignored pixels (so scaling ``weight``
 does not change them). float32 with autocast disabled; an all-ignored batch gives 0 with a gradient graph.
+Functional forms: :func:`binary_cross_entropy`, :func:`sigmoid_focal_loss`, :func:`binary_dice_loss`.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ._binary import binary_cross_entropy, binary_dice_loss, sigmoid_focal_loss
-from ._checks import as_class_vector, check_number
-from .base import SegmentationLoss
+from .base import (SegmentationLoss, as_class_vector, check_number, float32_math, float32_on, safe_pow,
+                   split_target, weighted_pixel_mean)
+from .dice import dice_score
 
-__all__ = ["BCEWithLogitsLoss", "SigmoidFocalLoss", "BinaryDiceLoss"]
+__all__ = ["BCEWithLogitsLoss", "SigmoidFocalLoss", "BinaryDiceLoss", "binary_cross_entropy",
+           "sigmoid_focal_loss", "binary_dice_loss"]
+
+
+def _binary_target(target: Tensor, ignore_index: int, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(fg, pixel_weight)``: float foreground indicator (label 1) and ``w[y]`` (0 at ignored pixels)."""
+    safe_target, valid = split_target(target, ignore_index)
+    fg = (safe_target == 1) & valid
+    if weight is None:
+        return fg.float(), valid.float()
+    return fg.float(), torch.where(fg, weight[1], weight[0]) * valid
+
+
+@float32_math
+def binary_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None = None,
+                         pos_weight: Tensor | None = None, ignore_index: int = 255) -> Tensor:
+    """``sum_i w[y_i] bce_i / sum_i w[y_i]``, ``bce_i = -(pw y log s(x) + (1 - y) log(1 - s(x)))``."""
+    fg, weights = _binary_target(target, ignore_index, float32_on(weight, logits))
+    pixel_loss = F.binary_cross_entropy_with_logits(logits.squeeze(1), fg,
+                                                    pos_weight=float32_on(pos_weight, logits), reduction="none")
+    return weighted_pixel_mean(pixel_loss, weights)
+
+
+@float32_math
+def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float | None = 0.25, gamma: float = 2.0,
+                       weight: Tensor | None = None, ignore_index: int = 255) -> Tensor:
+    """torchvision's ``sigmoid_focal_loss`` per pixel, reduced as ``sum_i w[y_i] l_i / sum_i w[y_i]``."""
+    fg, weights = _binary_target(target, ignore_index, float32_on(weight, logits))
+    x = logits.squeeze(1)
+    bce = F.binary_cross_entropy_with_logits(x, fg, reduction="none")
+    prob = torch.sigmoid(x)
+    one_minus_p_t = prob + fg - 2.0 * prob * fg  # 1 - p_t, p_t = p y + (1 - p)(1 - y)
+    pixel_loss = bce if gamma == 0 else bce * safe_pow(one_minus_p_t, gamma)
+    if alpha is not None:
+        pixel_loss = pixel_loss * (alpha * fg + (1.0 - alpha) * (1.0 - fg))
+    return weighted_pixel_mean(pixel_loss, weights)
+
+
+@float32_math
+def binary_dice_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = 255,
+                     smooth: float = 1.0) -> Tensor:
+    """``1 - (2 I + s) / (P + G + s)`` of the foreground, sums weighted per pixel by ``w[y_i]``."""
+    fg, weights = _binary_target(target, ignore_index, float32_on(weight, logits))
+    prob = torch.sigmoid(logits.squeeze(1))
+    weighted_prob = prob * weights
+    intersection = (weighted_prob * fg).sum()
+    return 1.0 - dice_score(intersection, weighted_prob.sum(), (weights * fg).sum(), smooth)
 
 
 class BCEWithLogitsLoss(SegmentationLoss):

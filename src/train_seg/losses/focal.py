@@ -1,16 +1,44 @@
-"""Softmax focal loss (Lin et al. 2017) for C classes."""
+"""Softmax focal loss (Lin et al. 2017) for C classes: the functional form and :class:`FocalLoss`.
+
+The math is :func:`train_seg.losses.cross_entropy.pixel_log_prob_loss` with ``gamma > 0`` and alpha as a
+numerator-only scale. Conventions: :mod:`train_seg.losses.base`.
+"""
 
 from __future__ import annotations
 
 import numbers
 
+import torch
 from torch import Tensor
 
-from ._checks import as_class_vector, check_number
-from ._pixel import focal_loss
-from .base import SegmentationLoss
+from .base import (SegmentationLoss, as_class_vector, check_number, float32_math, float32_on, pixel_weights,
+                   split_target)
+from .cross_entropy import pixel_log_prob_loss
 
-__all__ = ["FocalLoss"]
+__all__ = ["FocalLoss", "focal_alpha_vector", "focal_loss"]
+
+
+def focal_alpha_vector(alpha, num_classes: int, like: Tensor) -> Tensor | None:
+    """Per-class focal alpha: a scalar is ``[1 - alpha, alpha, ..., alpha]`` (binary convention: alpha for
+    the classes >= 1), a vector is used as given, ``None`` stays ``None``."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, Tensor):
+        return float32_on(alpha, like)
+    vector = like.new_full((num_classes,), float(alpha), dtype=torch.float32)
+    vector[0] = 1.0 - float(alpha)
+    return vector
+
+
+@float32_math
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, alpha=None, weight: Tensor | None = None,
+               ignore_index: int = 255) -> Tensor:
+    """Softmax focal loss ``sum_i a[y_i] w[y_i] (1 - p_y)^gamma (-log p_y) / sum_i w[y_i]`` (see FocalLoss)."""
+    weight = float32_on(weight, logits)
+    safe_target, valid = split_target(target, ignore_index)
+    alpha = focal_alpha_vector(alpha, logits.shape[1], logits)
+    scale = None if alpha is None else alpha[safe_target]
+    return pixel_log_prob_loss(logits, safe_target, pixel_weights(safe_target, valid, weight), gamma, scale)
 
 
 class FocalLoss(SegmentationLoss):

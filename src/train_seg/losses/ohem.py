@@ -1,4 +1,8 @@
-"""Cross-entropy with online hard example mining over pixels (OHEM, as in PSPNet / MMSegmentation)."""
+"""Cross-entropy with online hard example mining over pixels (OHEM, as in PSPNet / MMSegmentation).
+
+The selection happens inside the fused :class:`train_seg.losses.cross_entropy.PixelLogProbLoss`, from the
+target log-probabilities it computes anyway. Conventions: :mod:`train_seg.losses.base`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,38 @@ import numbers
 
 from torch import Tensor
 
-from ._checks import check_number
-from ._pixel import ohem_cross_entropy
-from .base import SegmentationLoss
+from .base import TINY, SegmentationLoss, check_number, float32_math, float32_on, pixel_weights, split_target
+from .cross_entropy import PixelLogProbLoss, focal_terms
 
-__all__ = ["OhemCrossEntropyLoss"]
+__all__ = ["OhemCrossEntropyLoss", "ohem_cross_entropy"]
+
+
+def _ohem_keep(log_p: Tensor, valid: Tensor, thresh: float, min_kept: int) -> Tensor:
+    """Bool mask of the kept pixels: valid and (p_y < thresh or p_y <= the min_kept-th smallest valid p_y)."""
+    prob = log_p.exp()
+    kept = prob < thresh
+    if min_kept > 0:
+        # ignored pixels get 2: never among the k smallest unless fewer than k pixels are valid, and then the
+        # k-th value is 2 and every valid pixel is kept.
+        ranked = prob.masked_fill(~valid, 2.0).flatten()
+        kth = ranked.kthvalue(min(min_kept, ranked.numel())).values
+        kept |= prob <= kth
+    return kept & valid
+
+
+@float32_math
+def ohem_cross_entropy(logits: Tensor, target: Tensor, thresh: float = 0.7, min_kept: int = 100_000,
+                       weight: Tensor | None = None, ignore_index: int = 255) -> Tensor:
+    """Cross-entropy over the hard pixels only (see OhemCrossEntropyLoss for the selection rule)."""
+    weight = float32_on(weight, logits)
+    safe_target, valid = split_target(target, ignore_index)
+
+    def terms(log_p: Tensor):
+        kept = _ohem_keep(log_p, valid, thresh, min_kept)
+        weights = pixel_weights(safe_target, kept, weight)
+        return focal_terms(log_p, 0.0, weights, weights.sum().clamp_min(TINY))
+
+    return PixelLogProbLoss.apply(logits, safe_target, terms)
 
 
 class OhemCrossEntropyLoss(SegmentationLoss):
@@ -32,6 +63,7 @@ class OhemCrossEntropyLoss(SegmentationLoss):
         weight: class weights ``(C,)``; ignore_index: label of pixels that count nowhere.
 
     Classes absent from the target only enter through the softmax. No smoothing. float32, autocast disabled.
+    Shapes: logits ``(N, C, H, W)``, target ``(N, H, W)`` integer; returns a scalar.
     """
 
     binary = False

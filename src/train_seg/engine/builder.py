@@ -1,0 +1,197 @@
+"""Builds each stage's objects from its config node (datasets, transforms, samplers, loaders, the loss with its
+class weights, the sinks, optimizer and scheduler; the model through ``train_seg.models.build_model``), all through
+``train_seg.config.instantiate``. Every other module receives plain objects and knows nothing of Hydra or OmegaConf.
+Errors raised by a constructor come out unwrapped, so the user sees its own one-paragraph message."""
+from __future__ import annotations
+
+import multiprocessing
+import random
+import re
+import sys
+
+
+import numpy as np
+import torch
+from hydra.utils import get_class
+from torch import nn
+
+from train_seg.config.instantiate import instantiate_node, plain_node
+from train_seg.config.validation import ConfigError
+from train_seg.models import build_model  # noqa: F401 (the builders of every stage, in one place)
+from train_seg.data.base import SegmentationDataset, SegmentationSource, check_on_bad_sample
+
+# Keys of a dataset node that are not constructor arguments (``on_bad_sample`` goes to the SegmentationDataset).
+RESERVED_DATASET_KEYS = ("transforms", "name", "on_bad_sample")
+# Key of a loss (term) node: false keeps that term unweighted even when a weighting scheme is selected.
+CLASS_WEIGHTS_KEY = "class_weights"
+WEIGHTED_SUM = "train_seg.losses.WeightedSum"
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+def build_source(dataset_cfg, split: str) -> SegmentationSource:
+    """One split of the dataset; its ``on_bad_sample`` attribute is ``dataset.on_bad_sample`` (default error), which
+    the SegmentationDataset wrapping it follows."""
+    plain = plain_node(dataset_cfg, "dataset")
+    on_bad_sample = check_on_bad_sample(plain.get("on_bad_sample") or "error")
+    source = instantiate_node({k: v for k, v in plain.items() if k not in RESERVED_DATASET_KEYS}, "dataset", split=split)
+    source.on_bad_sample = on_bad_sample
+    return source
+
+
+def build_transform(dataset_cfg, split: str, seed: int):
+    """``albumentations.Compose`` of the ``dataset.transforms.<split>`` list (None when the list is empty).
+    The Compose gets its own seed: albumentations ignores the global RNGs."""
+    import albumentations as A
+
+    transforms = plain_node(dataset_cfg, "dataset").get("transforms") or {}
+    specs = transforms.get(split) or []
+    if not specs:
+        return None
+    steps = [instantiate_node(spec, f"dataset.transforms.{split}[{i}]") for i, spec in enumerate(specs)]
+    return A.Compose(steps, seed=seed)
+
+
+def build_sampler(sampler_cfg, presence: np.ndarray, seed: int):
+    spec = plain_node(sampler_cfg, "sampler")
+    if spec.get("_target_") is None:
+        return None
+    return instantiate_node(spec, "sampler", presence=presence, seed=seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seeds python's and numpy's global generators from the worker's torch seed (which the DataLoader derives from
+    its per-epoch reseeded generator), for custom transforms that draw from them. The albumentations pipeline is
+    not seeded here: ``data.order.SeededSamples`` reseeds it for every sample from its epoch position."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_loaders(trainer_cfg, train_set: SegmentationDataset, val_set: SegmentationDataset, sampler, device,
+                  generator: torch.Generator, val_sampler=None):
+    """The training and validation DataLoaders; ``trainer.num_workers=auto`` is resolved by
+    ``train_seg.engine.runtime.resolve_num_workers`` (0 for in-memory data, else a share of the usable cores)."""
+    from train_seg.engine.runtime import dataset_kind, resolve_num_workers
+
+    workers = resolve_num_workers(trainer_cfg.num_workers, dataset_kind=dataset_kind(train_set))
+    pin = device.type == "cuda" if trainer_cfg.pin_memory == "auto" else bool(trainer_cfg.pin_memory)
+    common = dict(num_workers=workers, pin_memory=pin, worker_init_fn=seed_worker,
+                  persistent_workers=bool(trainer_cfg.persistent_workers) and workers > 0)
+    if workers > 0 and sys.platform.startswith("linux"):
+        # An explicit fork context: inside hydra-joblib-launcher's loky workers the default context cannot start
+        # DataLoader workers ("'Process' object has no attribute 'env'"); fork is also torch's usual choice here.
+        common["multiprocessing_context"] = multiprocessing.get_context("fork")
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=int(trainer_cfg.batch_size), shuffle=sampler is None, sampler=sampler,
+        drop_last=True,  # BatchNorm in the ASPP pooling branch cannot train on a batch of one
+        generator=generator, **common,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=int(trainer_cfg.val_batch_size), shuffle=False, drop_last=False, sampler=val_sampler,
+        **common
+    )
+    return train_loader, val_loader
+
+
+# -- loss ------------------------------------------------------------------------------------------------------
+def build_criterion(loss_cfg, class_weights: torch.Tensor | None) -> nn.Module:
+    """Builds the loss; ``class_weights`` go as ``weight=`` to every term whose constructor takes ``weight``
+    (unless the term sets ``class_weights: false`` or its own ``weight``). A ``WeightedSum`` node builds each of its
+    ``terms`` the same way."""
+    return _build_loss(plain_node(loss_cfg, "loss"), class_weights, "loss")
+
+
+def _build_loss(spec: dict, class_weights, key: str) -> nn.Module:
+    """Builds the loss node at ``key``. ``class_weights`` go as ``weight=`` to a loss class that declares
+    ``takes_class_weights = True`` (every shipped loss whose constructor accepts ``weight``), unless the node sets
+    ``class_weights: false`` or its own ``weight``. A class without that attribute (e.g. a user's own loss) gets
+    no class weights, whatever its constructor accepts: declare ``takes_class_weights = True`` to receive them.
+    A ``WeightedSum`` node builds each of its ``terms`` this way."""
+    spec = dict(spec)
+    target = spec.get("_target_")
+    if not target:
+        raise ConfigError(f"{key} has no _target_: pick a loss with `loss=<name>` (see configs/loss/).")
+    if target == WEIGHTED_SUM:
+        terms = spec.get("terms") or {}
+        if not terms:
+            raise ConfigError(f"{key}.terms is empty: a WeightedSum needs at least one term.")
+        built = {name: _build_loss(term, class_weights, f"{key}.terms.{name}") for name, term in terms.items()}
+        return instantiate_node({"_target_": target, "weights": spec.get("weights") or {}}, key, terms=built)
+    use_weights = spec.pop(CLASS_WEIGHTS_KEY, True)
+    try:
+        cls = get_class(target)
+    except Exception as exc:
+        raise ConfigError(f"{key}._target_={target!r} cannot be imported ({exc}).") from exc
+    kwargs = {}
+    if use_weights and class_weights is not None and spec.get("weight") is None:
+        if getattr(cls, "takes_class_weights", False) is True:
+            spec.pop("weight", None)
+            kwargs["weight"] = class_weights.clone()
+    try:
+        return instantiate_node(spec, key, **kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(_keyed_loss_message(exc, spec, key)) from exc
+
+
+# "FocalLoss: gamma must be >= 0, got -1" (train_seg.losses.base): the argument is a key of the loss node
+_LOSS_ARGUMENT = re.compile(r"^(\w+): (\w+) must ")
+
+
+def _keyed_loss_message(error: ValueError, spec: dict, key: str) -> str:
+    """A loss constructor's message with the config key in front (``loss.gamma=-1: FocalLoss: gamma must be >= 0``)
+    and the fix."""
+    text = str(error)
+    found = _LOSS_ARGUMENT.match(text)
+    if found and found.group(2) in spec:
+        name = found.group(2)
+        return (f"{key}.{name}={spec[name]!r}: {text}. Set {key}.{name} to an allowed value (the comments of "
+                f"configs/loss/ say which).")
+    return f"{key}: {text}. Check the keys of `{key}` (see the comments of configs/loss/)."
+
+
+# -- reporting -------------------------------------------------------------------------------------------------
+def build_sinks(logger_cfg, main_process: bool = True) -> list:
+    """The sinks of ``logger`` (a mapping name -> ``{_target_: ...}``; null entries are off), in config order,
+    then the run-files sink (checkpoints, metrics.json), which is always on and always last. Under
+    torch.distributed only rank 0 (``main_process``) reports or writes anything: the other ranks get no sink at all
+    (the one place where that is decided)."""
+    from train_seg.reporting.sinks import RunFilesSink
+
+    if not main_process:
+        return []
+    spec = plain_node(logger_cfg, "logger") if logger_cfg is not None else {}
+    sinks = []
+    for name, node in spec.items():
+        if node is None or node is False:
+            continue
+        if not isinstance(node, dict) or not node.get("_target_"):
+            raise ConfigError(
+                f"logger.{name}={node!r} is not a sink: each logger entry is a mapping with a `_target_` class "
+                f"(e.g. +logger.{name}._target_=my_module.MySink), or null to turn it off."
+            )
+        sinks.append(instantiate_node(node, f"logger.{name}"))
+    return sinks + [RunFilesSink()]
+
+
+# -- optimisation ----------------------------------------------------------------------------------------------
+def build_optimizer(optimizer_cfg, model: nn.Module) -> torch.optim.Optimizer:
+    spec = plain_node(optimizer_cfg, "optimizer")
+    spec["_partial_"] = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return instantiate_node(spec, "optimizer")(params)
+    except ValueError as exc:  # torch's own checks: "Invalid momentum value: -1", "Invalid beta parameter at index 1"
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"optimizer ({spec.get('_target_')}): {exc}. Fix the optimizer.* key it names (lr, "
+                          "momentum, weight_decay, betas, eps: see configs/optimizer/).") from exc
+
+
+def build_scheduler(scheduler_cfg, optimizer: torch.optim.Optimizer, total_steps: int):
+    spec = plain_node(scheduler_cfg, "scheduler")
+    if spec.get("_target_") is None:
+        return None
+    spec["_partial_"] = True
+    return instantiate_node(spec, "scheduler")(optimizer, total_steps=total_steps)

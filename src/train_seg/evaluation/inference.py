@@ -1,0 +1,474 @@
+"""Use a trained model: load a checkpoint, infer logits (whole image, sliding windows, test-time augmentation) and
+predict a label mask from a numpy image. Every forward pass goes through ``train_seg.evaluation.loop.predict_batch``, the one
+inference step; everything here is built on it.
+
+Conventions (also in README.md, "Use a trained model"):
+
+* **Checkpoints.** ``load_checkpoint_model(path)`` takes a checkpoint file or a run directory; a run directory gives
+  its ``best.pt`` (the best ``optimized_metric``: the model to use), else its ``last.pt``. The model is rebuilt from the
+  checkpoint's own config (``model`` node, ``weights``/``weights_backbone`` ignored: the checkpoint holds every
+  weight), the weights are loaded strictly and the model is returned in eval mode with a ``CheckpointMeta``.
+* **Model input.** ``(N, 3, H, W)`` float32 normalised exactly as the checkpoint's val pipeline does (its
+  albumentations ``Normalize``: ``(x - mean * max_pixel_value) / (std * max_pixel_value)`` on the uint8 scale, in
+  float32, bit for bit). ``to_model_input`` converts a numpy image: grey ``(H, W)``/``(H, W, 1)`` is repeated to RGB,
+  grey + alpha ``(H, W, 2)`` keeps the grey, RGBA drops the alpha (no compositing); uint8 is taken as is, uint16 is
+  mapped onto the uint8 scale (x * 255 / 65535), float (and bool) images are taken as [0, 1] and multiplied by 255
+  (not clipped). Other dtypes are refused. A val pipeline without ``Normalize`` means x / 255.
+* **Outputs.** Logits are float32, at the input's size (resized with bilinear interpolation if a model's output
+  differs), on the inference device, or on ``accumulate_device`` when given.
+* **Sliding windows** (``slide_logits``). Windows of ``window`` px start every ``stride`` px, the last one flush with
+  the bottom/right border, so every pixel is covered and no window leaves the image. An image smaller than the window
+  is zero-padded at the bottom/right (zero after normalisation is the dataset's mean colour: neutral, and valid at any
+  size, unlike reflection) and the padding is cropped from the result. Windows go through the model
+  ``batch_size`` at a time; their float32 logits, times an importance map (``uniform``: 1; ``gaussian``: a Gaussian
+  of sigma = window / 8 centred on the window, 1 at the centre, about 1e-7 in the corners, never 0), are added into a
+  ``(N, K, H, W)`` sum and the map into an ``(H, W)`` weight; the sum is divided by the weight at the end. Memory is
+  bounded by one window batch plus the two accumulators: at 10,000 x 10,000 px that is K x 400 MB of float32 for
+  the sum (8.4 GB for 21 classes) plus 400 MB of weights, besides the input (3 x 400 MB). On CUDA, pass
+  ``accumulate_device="cpu"`` to keep the accumulators in host memory: only window batches live on the GPU.
+* **Test-time augmentation** (``tta_logits``): every scale (input resized with bilinear ``F.interpolate``,
+  align_corners=False), with and without a horizontal flip, inferred whole or by sliding windows (the window keeps its
+  size in pixels at every scale), logits un-flipped and resized back to the input size, then **logits are averaged**
+  (not probabilities): every path returns logits, a binary head still thresholds at 0, and the arg-max of averaged
+  logits is that of the normalised geometric mean of the probabilities. One variant's logits are alive at a time
+  besides the running sum.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train_seg.checkpoint import CHECKPOINT_VERSION, CheckpointError, unreadable_message
+from train_seg.evaluation.loop import predict_batch
+from train_seg.evaluation.metrics import predictions
+
+__all__ = [
+    "CheckpointError", "CheckpointMeta", "TTA", "infer_logits", "load_checkpoint_model", "open_checkpoint", "predict",
+    "resolve_checkpoint_path", "slide_logits", "tta_logits", "to_model_input", "whole_logits",
+]
+
+CHECKPOINT_NAMES = ("best.pt", "last.pt")  # what a run directory gives, in order of preference
+MODES = ("whole", "slide")
+BLENDS = ("uniform", "gaussian")
+GAUSSIAN_SIGMA = 1.0 / 8.0  # of the window side (nnU-Net's choice)
+# albumentations.Normalize's defaults (used when the val pipeline's Normalize does not set them)
+_DEFAULT_MEAN, _DEFAULT_STD, _DEFAULT_MAX_PIXEL = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint says about its model: class names and palette, the val pipeline's normalisation (``mean``,
+    ``std`` per RGB channel and ``max_pixel_value``, as albumentations ``Normalize``), ``ignore_index``, whether the
+    head is binary (one sigmoid channel), the architecture, the resolved training config (a plain dict), and where
+    and when it was saved."""
+
+    class_names: list[str]
+    palette: list[list[int]]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    max_pixel_value: float
+    ignore_index: int
+    binary_head: bool
+    arch: str
+    config: dict = field(repr=False)
+    path: Path | None = None
+    epoch: int | None = None
+    step: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: ``flip`` adds the horizontally flipped image; ``scales`` are input scales."""
+
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+def resolve_checkpoint_path(spec: str | Path) -> Path:
+    """A checkpoint file as given, or a run directory's ``best.pt``, else its ``last.pt``."""
+    path = Path(str(spec)).expanduser()
+    if path.is_dir():
+        for name in CHECKPOINT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"{spec}: the directory {path.resolve()} holds no checkpoint (looked for {path / CHECKPOINT_NAMES[0]} and "
+            f"{path / CHECKPOINT_NAMES[1]}). Pass a checkpoint file, or the run directory of a training run that "
+            "completed at least one epoch."
+        )
+    if not path.is_file():
+        raise CheckpointError(
+            f"{spec}: no such checkpoint (looked at {path.resolve()}). Pass a checkpoint file (best.pt / last.pt) or "
+            "a run directory that holds one (e.g. outputs/<date>/<time>)."
+        )
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's content, read with ``torch.load(weights_only=True)`` on the CPU."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(unreadable_message(path, exc)) from exc
+    missing = [key for key in ("model", "config", "class_names") if not isinstance(state, dict) or key not in state]
+    if missing:
+        held = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not a train_seg checkpoint: it has no {', '.join(map(repr, missing))} "
+            f"entries (it holds {held or 'nothing'}). Pass a last.pt / best.pt written by train_seg training; a plain "
+            "state dict of weights can only serve as model.weights=... of a training run."
+        )
+    version = state.get("version")
+    if isinstance(version, int) and version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer train_seg (checkpoint version {version}; this one reads versions up to "
+            f"{CHECKPOINT_VERSION}). Upgrade train_seg (pip install -U train_seg, or git pull) to use it."
+        )
+    return state
+
+
+def val_normalization(dataset_cfg: Mapping, where: str = "the checkpoint") -> tuple[tuple, tuple, float]:
+    """``(mean, std, max_pixel_value)`` of the ``Normalize`` in the dataset config's val pipeline (identity on the
+    [0, 1] scale, i.e. x / 255, without one)."""
+    specs = ((dataset_cfg.get("transforms") or {}).get("val") or [])
+    found = [s for s in specs
+             if isinstance(s, Mapping) and str(s.get("_target_", "")).rsplit(".", 1)[-1] == "Normalize"]
+    if not found:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 255.0
+    spec = found[0]
+    if len(found) > 1 or spec.get("normalization", "standard") != "standard":
+        raise CheckpointError(
+            f"{where}: its val pipeline normalises with {found} (dataset.transforms.val); inference reproduces one "
+            "standard albumentations Normalize (mean, std, max_pixel_value) only. Use pipeline-free inference on "
+            "images you normalise yourself, with train_seg.evaluation.inference.infer_logits."
+        )
+    mean, std = spec.get("mean", _DEFAULT_MEAN), spec.get("std", _DEFAULT_STD)
+    mean, std = ([float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v] for v in (mean, std))
+    return tuple(mean), tuple(std), float(spec.get("max_pixel_value", _DEFAULT_MAX_PIXEL))
+
+
+def checkpoint_meta(state: Mapping[str, Any], path: Path | None = None) -> CheckpointMeta:
+    config = dict(state.get("config") or {})
+    dataset, model_cfg = config.get("dataset") or {}, config.get("model") or {}
+    mean, std, max_pixel = val_normalization(dataset, str(path or "the checkpoint"))
+    return CheckpointMeta(
+        class_names=[str(n) for n in state["class_names"]],
+        palette=[[int(c) for c in colour] for colour in state.get("palette") or []],
+        mean=mean, std=std, max_pixel_value=max_pixel, ignore_index=int(dataset.get("ignore_index", 255)),
+        binary_head=bool(model_cfg.get("binary_head", False)), arch=str(model_cfg.get("arch", "unknown")),
+        config=config, path=path, epoch=_int_or_none(state.get("epoch")), step=_int_or_none(state.get("global_step")),
+    )
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def build_checkpoint_model(state: Mapping[str, Any], meta: CheckpointMeta) -> nn.Module:
+    """The model of the checkpoint's config with the checkpoint's weights (strict), on the CPU, in eval mode."""
+    from train_seg.engine import builder as build
+    spec = dict(meta.config.get("model") or {})
+    spec.setdefault("_target_", "train_seg.models.build_deeplabv3")
+    spec.update({key: None for key in ("weights", "weights_backbone") if key in spec})  # all weights are in the file
+    try:
+        model = build.build_model(spec, num_classes=meta.num_classes)
+    except ValueError as exc:
+        raise CheckpointError(f"{meta.path}: the model its config describes cannot be built: {exc}") from exc
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        head = "a binary head" if meta.binary_head else f"{meta.num_classes} classes"
+        raise CheckpointError(
+            f"{meta.path}: its weights do not fit the model its config describes (arch {meta.arch}, {head}): the "
+            "file was edited, or written by another version of the model code. "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        ) from exc
+    return model.eval()
+
+
+def open_checkpoint(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta, dict]:
+    """``load_checkpoint_model`` that also returns the checkpoint's full content (class weights, history...)."""
+    path = resolve_checkpoint_path(spec)
+    state = read_checkpoint(path)
+    meta = checkpoint_meta(state, path)
+    model = build_checkpoint_model(state, meta).to(torch.device(device))
+    return model, meta, state
+
+
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+    """``(model in eval mode on device, CheckpointMeta)`` from a checkpoint file or a run directory (its best.pt,
+    else its last.pt). Raises ``CheckpointError`` (one paragraph) for a missing path, a file that is truncated or
+    not a checkpoint, and weights that do not fit the model."""
+    model, meta, _ = open_checkpoint(path, device)
+    return model, meta
+
+
+# -- numpy images to model input -------------------------------------------------------------------------------
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` RGB on the uint8 scale: uint8 as is, anything else float32 (see the module docstring)."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"image of shape {array.shape}: expected (H, W) grey, or (H, W, C) with C = 1 (grey), "
+                         "2 (grey + alpha), 3 (RGB) or 4 (RGBA).")
+    array = array[..., :1] if array.shape[-1] in (1, 2) else array[..., :3]
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        array = array.astype(np.float32) * np.float32(255.0 / 65535.0)
+    elif array.dtype == np.bool_ or np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32) * np.float32(255.0)
+    else:
+        raise ValueError(f"image dtype {array.dtype}: expected uint8, uint16, or float in [0, 1]; convert it first.")
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+
+
+def normalize_image(rgb: np.ndarray, meta: CheckpointMeta) -> np.ndarray:
+    """``(H, W, 3)`` on the uint8 scale -> float32 as albumentations ``Normalize`` computes it (same float32 ops)."""
+    mean = np.array(meta.mean, dtype=np.float32) * meta.max_pixel_value
+    denominator = np.reciprocal(np.array(meta.std, dtype=np.float32) * meta.max_pixel_value)
+    out = rgb.astype(np.float32)
+    out -= mean
+    out *= denominator
+    return out
+
+
+def to_model_input(image: np.ndarray, meta: CheckpointMeta) -> torch.Tensor:
+    """A numpy image ``(H, W[, C])`` -> the model's input ``(1, 3, H, W)`` float32 (conversions: module docstring)."""
+    return torch.from_numpy(normalize_image(as_rgb(image), meta)).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+# -- inference -------------------------------------------------------------------------------------------------
+def _as_batch(images: torch.Tensor) -> torch.Tensor:
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4:
+        raise ValueError(f"images of shape {tuple(images.shape)}: expected (N, C, H, W) or (C, H, W).")
+    return images
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    """``(h, w)`` from a positive int or a pair of them."""
+    pair = (value, value) if isinstance(value, (int, np.integer)) else value
+    ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in pair)
+    if not ok:
+        raise ValueError(f"{name}={value!r}: expected a positive number of pixels or [height, width].")
+    return int(pair[0]), int(pair[1])
+
+
+def _resized(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """float32 logits at ``size`` (bilinear, as DeepLabV3's own upsampling) when they are not already."""
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Window origins along an axis of ``size >= window``: every ``stride`` px, the last flush with the border."""
+    last = size - window
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+def importance_map(window: tuple[int, int], blend: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(h, w)`` float32 weight of each window pixel: ones (``uniform``) or a Gaussian (``gaussian``, module
+    docstring)."""
+    if blend not in BLENDS:
+        raise ValueError(f"blend={blend!r}: choose one of {', '.join(BLENDS)}.")
+    if blend == "uniform":
+        return torch.ones(window, dtype=torch.float32, device=device)
+
+    def axis(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+        return torch.exp(-0.5 * (x / (n * GAUSSIAN_SIGMA)) ** 2)
+
+    weights = torch.outer(axis(window[0]), axis(window[1]))
+    return (weights / weights.max()).to(device, torch.float32)
+
+
+@torch.inference_mode()
+def whole_logits(model: nn.Module, images: torch.Tensor, device: str | torch.device = "cpu",
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+    """One forward pass of the whole batch: float32 logits ``(N, K, H, W)`` at the input size, on the device."""
+    images = _as_batch(images)
+    return _resized(predict_batch(model, images, torch.device(device), amp_dtype, channels_last), images.shape[-2:])
+
+
+@torch.inference_mode()
+def slide_logits(model: nn.Module, images: torch.Tensor, window, stride=None, device: str | torch.device = "cpu",
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False, batch_size: int = 1,
+                 blend: str = "uniform", accumulate_device: str | torch.device | None = None) -> torch.Tensor:
+    """Sliding-window logits of ``images`` ``(N, C, H, W)`` (or ``(C, H, W)``): float32 ``(N, K, H, W)`` on
+    ``accumulate_device`` (default: ``device``). ``window``/``stride``: pixels or ``[h, w]``; stride None = half the
+    window. Tiling, padding, blending and memory: module docstring. The caller puts the model in eval mode."""
+    images, device = _as_batch(images), torch.device(device)
+    acc = torch.device(accumulate_device) if accumulate_device is not None else device
+    wh, ww = _pair(window, "window")
+    sh, sw = _pair(stride, "stride") if stride is not None else (max(1, wh // 2), max(1, ww // 2))
+    if sh > wh or sw > ww:
+        raise ValueError(f"stride {sh}x{sw} is larger than the window {wh}x{ww}: pixels between windows would get no "
+                         "prediction; use a stride <= the window.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1 (windows per forward pass).")
+    n, _, h, w = images.shape
+    if h < wh or w < ww:  # zeros after normalisation: the mean colour
+        images = F.pad(images, (0, max(0, ww - w), 0, max(0, wh - h)))
+    ph, pw = images.shape[-2:]
+    origins = [(y, x) for y in window_starts(ph, wh, sh) for x in window_starts(pw, ww, sw)]
+    weight = importance_map((wh, ww), blend, acc)
+    norm = torch.zeros((ph, pw), dtype=torch.float32, device=acc)
+    for y, x in origins:
+        norm[y:y + wh, x:x + ww] += weight
+    tasks = [(i, y, x) for i in range(n) for y, x in origins]
+    total = None
+    for start in range(0, len(tasks), batch_size):
+        chunk = tasks[start:start + batch_size]
+        crops = torch.stack([images[i, :, y:y + wh, x:x + ww] for i, y, x in chunk])
+        logits = _resized(predict_batch(model, crops, device, amp_dtype, channels_last), (wh, ww)).to(acc)
+        logits.mul_(weight)
+        if total is None:
+            total = torch.zeros((n, logits.shape[1], ph, pw), dtype=torch.float32, device=acc)
+        for (i, y, x), tile in zip(chunk, logits):
+            total[i, :, y:y + wh, x:x + ww] += tile
+    total.div_(norm)
+    return total if (ph, pw) == (h, w) else total[..., :h, :w].contiguous()
+
+
+def _scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
+    return tuple(max(1, int(round(s * scale))) for s in size)
+
+
+def _check_scales(scales) -> tuple[float, ...]:
+    try:
+        values = tuple(float(s) for s in ([scales] if isinstance(scales, (int, float)) else scales))
+    except (TypeError, ValueError):
+        values = ()
+    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"scales={scales!r}: expected a non-empty list of positive numbers, e.g. [0.75, 1.0, 1.25].")
+    return values
+
+
+def _infer_once(model, images, device, amp_dtype, channels_last, mode, window, stride, blend, batch_size, acc):
+    if mode == "slide":
+        return slide_logits(model, images, window, stride, device, amp_dtype, channels_last, batch_size, blend, acc)
+    logits = whole_logits(model, images, device, amp_dtype, channels_last)
+    return logits if acc is None else logits.to(acc)
+
+
+@torch.inference_mode()
+def tta_logits(model: nn.Module, images: torch.Tensor, device: str | torch.device = "cpu",
+               amp_dtype: torch.dtype | None = None, channels_last: bool = False, *, flip: bool = True,
+               scales: Sequence[float] = (1.0,), mode: str = "whole", window=512, stride=None, blend: str = "uniform",
+               batch_size: int = 1, accumulate_device: str | torch.device | None = None) -> torch.Tensor:
+    """The mean logits over ``scales`` x (identity, horizontal flip if ``flip``), each inferred whole or by sliding
+    windows, un-flipped and resized back to the input size (module docstring). float32 ``(N, K, H, W)``."""
+    images, scales = _as_batch(images), _check_scales(scales)
+    size = tuple(images.shape[-2:])
+    total, count = None, 0
+    for scale in scales:
+        scaled = images if scale == 1.0 else F.interpolate(images, size=_scaled_size(size, scale), mode="bilinear",
+                                                           align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            logits = _infer_once(model, scaled.flip(-1) if flipped else scaled, device, amp_dtype, channels_last,
+                                 mode, window, stride, blend, batch_size, accumulate_device)
+            logits = _resized(logits.flip(-1) if flipped else logits, size)
+            total = logits if total is None else total.add_(logits)
+            count += 1
+    return total.div_(count)
+
+
+def slide_stride(window, stride=None, overlap: float = 0.5) -> tuple[int, int]:
+    """``stride`` as ``(h, w)``, or ``window * (1 - overlap)`` rounded (at least 1 px) when it is None."""
+    wh, ww = _pair(window, "window")
+    if stride is not None:
+        return _pair(stride, "stride")
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+        raise ValueError(f"overlap={overlap!r}: must be a number in [0, 1) (the share of a window its neighbour "
+                         "covers too).")
+    return max(1, int(round(wh * (1 - overlap)))), max(1, int(round(ww * (1 - overlap))))
+
+
+@torch.inference_mode()
+def infer_logits(model: nn.Module, images: torch.Tensor, device: str | torch.device = "cpu",
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False, *, mode: str = "whole",
+                 window=512, stride=None, overlap: float = 0.5, blend: str = "uniform", flip: bool = False,
+                 scales: Sequence[float] = (1.0,), batch_size: int = 1,
+                 accumulate_device: str | torch.device | None = None) -> torch.Tensor:
+    """The one entry point of the command lines: float32 logits ``(N, K, H, W)`` at the input size of normalised
+    ``images``, ``mode`` ``whole`` (one forward pass) or ``slide`` (``slide_logits``; ``stride`` None = ``window *
+    (1 - overlap)``), with test-time augmentation when ``flip`` or ``scales`` != (1.0,) (``tta_logits``). The model
+    must be in eval mode (``load_checkpoint_model`` returns it so)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}.")
+    stride = slide_stride(window, stride, overlap) if mode == "slide" else stride
+    if mode == "slide":
+        importance_map((1, 1), blend)  # checks the name before any forward pass
+    scales = _check_scales(scales)
+    if not flip and scales == (1.0,):
+        return _infer_once(model, _as_batch(images), device, amp_dtype, channels_last, mode, window, stride, blend,
+                           batch_size, accumulate_device)
+    return tta_logits(model, images, device, amp_dtype, channels_last, flip=flip, scales=scales, mode=mode,
+                      window=window, stride=stride, blend=blend, batch_size=batch_size,
+                      accumulate_device=accumulate_device)
+
+
+# -- the notebook API ------------------------------------------------------------------------------------------
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """``(K, H, W)`` probabilities from ``(K, H, W)`` logits: softmax, or ``[1 - p, p]`` of a one-channel head."""
+    if logits.shape[0] == 1:
+        p = torch.sigmoid(logits[0].float())
+        return torch.stack([1 - p, p])
+    return torch.softmax(logits.float(), dim=0)
+
+
+def _tta_options(tta) -> TTA:
+    if tta is None or tta is False:
+        return TTA()
+    if tta is True:
+        return TTA(flip=True)
+    if isinstance(tta, TTA):
+        return tta
+    if isinstance(tta, Mapping):
+        return TTA(flip=bool(tta.get("flip", False)), scales=_check_scales(tta.get("scales", (1.0,))))
+    raise ValueError(f"tta={tta!r}: use None, True (horizontal flip), TTA(flip=..., scales=...) or a mapping.")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def predict(model: nn.Module, image: np.ndarray, meta: CheckpointMeta, *, mode: str = "whole", tta=None,
+            window=512, stride=None, overlap: float = 0.5, blend: str = "uniform", batch_size: int = 1,
+            device: str | torch.device | None = None, amp_dtype: torch.dtype | None = None,
+            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Predicts one numpy image ``(H, W[, C])`` (uint8, uint16 or float in [0, 1]; grey, RGB or RGBA: conversions
+    in the module docstring) with ``meta``'s normalisation. Returns ``(mask (H, W) int64, probabilities (K, H, W)
+    float32)`` at the image's size (K = number of classes, also for a binary head). ``tta``: None, True (horizontal
+    flip), ``TTA(flip, scales)`` or ``{"flip": ..., "scales": [...]}``. Puts the model in eval mode; runs on the
+    model's device unless ``device`` is given, in float32 unless ``amp_dtype`` is."""
+    options = _tta_options(tta)
+    device = torch.device(device) if device is not None else _model_device(model)
+    model.eval()
+    logits = infer_logits(model, to_model_input(image, meta), device, amp_dtype, channels_last, mode=mode,
+                          window=window, stride=stride, overlap=overlap, blend=blend, flip=options.flip,
+                          scales=options.scales, batch_size=batch_size)
+    mask = predictions(logits)[0]
+    probabilities = class_probabilities(logits[0])
+    return mask.cpu().numpy().astype(np.int64), probabilities.cpu().numpy().astype(np.float32, copy=False)

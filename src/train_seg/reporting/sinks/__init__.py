@@ -1,0 +1,14 @@
+"""Sinks: where the training loop's events go (see ``train_seg.reporting.events`` for the events and their order).
+
+* ``ConsoleSink`` (``logger.console``): the class-weight table, the per-class table of every evaluation.
+* ``TensorBoardSink`` (``logger.tensorboard``): scalars, custom-scalars layout, hparams, confusion image, overlays.
+* ``RunFilesSink`` (always on, last): checkpoints (``last.pt``, ``best.pt``) and ``metrics.json`` (the run record).
+
+``logger`` in the config is a mapping ``name -> {_target_: <class>, <constructor keys>}``; a null entry is off
+(``logger.tensorboard=null``), and ``+logger.<name>._target_=my.module.MySink`` adds a user's own sink.
+"""
+from train_seg.reporting.sinks.console import ConsoleSink
+from train_seg.reporting.sinks.run_files import RunFilesSink
+from train_seg.reporting.sinks.tensorboard import TensorBoardSink
+
+__all__ = ["ConsoleSink", "RunFilesSink", "TensorBoardSink"]
