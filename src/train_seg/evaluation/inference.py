@@ -177,12 +177,12 @@ def _int_or_none(value) -> int | None:
 
 def build_checkpoint_model(state: Mapping[str, Any], meta: CheckpointMeta) -> nn.Module:
     """The model of the checkpoint's config with the checkpoint's weights (strict), on the CPU, in eval mode."""
-    from train_seg.engine import builder as build
+    from train_seg.models import build_model
     spec = dict(meta.config.get("model") or {})
     spec.setdefault("_target_", "train_seg.models.build_deeplabv3")
     spec.update({key: None for key in ("weights", "weights_backbone") if key in spec})  # all weights are in the file
     try:
-        model = build.build_model(spec, num_classes=meta.num_classes)
+        model = build_model(spec, num_classes=meta.num_classes)
     except ValueError as exc:
         raise CheckpointError(f"{meta.path}: the model its config describes cannot be built: {exc}") from exc
     try:
