@@ -200,26 +200,44 @@ def test_metric_columns_start_with_the_rarest_class():
 def test_run_context_tells_a_sweep_job_from_a_single_run(tmp_path):
     import yaml
 
-    from train_seg.reporting.sinks.tensorboard import run_context
+    from train_seg.config.naming import job_context
 
     sweep = tmp_path / "sweep"
     job = sweep / "0_weighting=none"
-    (job / ".hydra").mkdir(parents=True)
+    job.mkdir(parents=True)
     (sweep / "multirun.yaml").write_text(yaml.safe_dump(
         {"hydra": {"overrides": {"task": ["weighting=none,inverse", "trainer.max_steps=2"]}}}))
     hydra = {"mode": "MULTIRUN", "sweeper": {"params": {"loss": "ce,focal"}},
              "overrides": {"task": ["weighting=none", "loss=focal"]},
              "runtime": {"choices": {"loss": "ce", "sampler": "none", "hydra/launcher": "basic"}}}
-    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
-    context = run_context(job)
+    context = job_context(hydra, job)
     assert context.multirun and context.swept == ("loss", "weighting")
     assert context.choices["loss"] == "focal" and context.choices["sampler"] == "none"  # the override wins
     assert "hydra/launcher" not in context.choices
-    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {**hydra, "mode": "RUN"}}))
-    assert not run_context(job).multirun
-    (job / ".hydra" / "hydra.yaml").unlink()  # hydra.output_subdir=null: the sweep's multirun.yaml still tells
-    assert run_context(job).multirun and run_context(job).swept == ("weighting",)
-    assert not run_context(tmp_path / "elsewhere").multirun
+    assert not job_context({**hydra, "mode": "RUN"}, job).multirun
+    assert job_context({**hydra, "mode": "RunMode.MULTIRUN"}, job).multirun  # the enum as OmegaConf gives it
+    # no Hydra node (the Python API): the sweep's multirun.yaml still tells
+    assert job_context(None, job).multirun and job_context(None, job).swept == ("weighting",)
+    assert not job_context(None, tmp_path / "elsewhere").multirun
+
+
+def test_a_run_is_handed_the_choices_of_its_hydra_job(tmp_path):
+    """The in-memory HydraConfig of the job reaches the run (no file is read): prepare inside a composed Hydra
+    config with runtime choices gives run.context those choices."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from train_seg.config.naming import current_job_context
+
+    HydraConfig.instance().cfg = OmegaConf.create({"hydra": {
+        "mode": "RUN", "runtime": {"choices": {"loss": "focal", "hydra/launcher": "basic"}},
+        "overrides": {"task": ["weighting=inverse"]}}})
+    try:
+        context = current_job_context(tmp_path)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert not context.multirun and dict(context.choices) == {"loss": "focal", "weighting": "inverse"}
+    assert current_job_context(tmp_path).choices == {}  # outside a Hydra app
 
 
 def _run_dir(path: Path, hparams: dict, experiment: bool, scalars: dict) -> Path:

@@ -50,15 +50,15 @@ def run_task(cfg: DictConfig) -> float:
     if env.rank > 0:
         logging.getLogger("train_seg").setLevel(logging.WARNING)  # rank 0 reports; the others only warn
     try:
-        device_type = resolve_device(cfg.trainer.device).type
+        device = resolve_device(cfg.trainer.device)  # the process group's backend needs it: prepare reuses it
     except USER_ERRORS as exc:
         exit_with_user_error("train_seg", exc)
-    with distributed.session(env, device_type, float(cfg.trainer.dist_timeout_s)):
+    with distributed.session(env, device.type, float(cfg.trainer.dist_timeout_s)):
         log.info("distributed: %s", distributed.describe(env))
-        return _run(cfg)
+        return _run(cfg, device)
 
 
-def _run(cfg: DictConfig) -> float:
+def _run(cfg: DictConfig, device=None) -> float:
     from train_seg.engine.loop import NonFiniteLossError
     from train_seg.engine.signals import RunInterrupted
     from train_seg.engine.trainer import fit, prepare
@@ -69,7 +69,7 @@ def _run(cfg: DictConfig) -> float:
     try:
         run = preflight.take(run_dir)  # prepared before Hydra wrote anything (a single run from the command line)
         if run is None:
-            run = prepare(cfg, run_dir)
+            run = prepare(cfg, run_dir, device)
     except USER_ERRORS as exc:
         log.debug("traceback of the error above", exc_info=True)
         exit_with_user_error("train_seg", exc)

@@ -10,7 +10,9 @@ characters is cut and ends in a short hash of the whole, so it stays unique and 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from omegaconf import OmegaConf
 
@@ -69,3 +71,42 @@ def job_dirname(*, _root_) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver(RESOLVER):
         OmegaConf.register_new_resolver(RESOLVER, job_dirname)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the Hydra job of a run says about it: a sweep job or not, the keys the sweep varies, and the option
+    chosen for each config group (``{"loss": "focal"}``)."""
+
+    multirun: bool = False
+    swept: tuple[str, ...] = ()
+    choices: Mapping[str, str] = field(default_factory=dict)
+
+
+def job_context(hydra: Mapping | None, run_dir: str | Path) -> RunContext:
+    """The ``RunContext`` of the job whose ``hydra`` node (the in-memory ``HydraConfig``, as a plain mapping) is
+    given: ``hydra.mode``, the keys of ``hydra.sweeper.params`` plus the command-line sweep overrides of the
+    sweep's ``multirun.yaml`` in a parent of ``run_dir`` (``swept_keys``); the choices are
+    ``hydra.runtime.choices`` (``hydra/*`` groups left out) updated by the job's own overrides. Without a Hydra
+    node (the Python API): a sweep job when a parent of ``run_dir`` holds a ``multirun.yaml``, no choices."""
+    hydra = hydra or {}
+    choices = {str(k): str(v) for k, v in ((hydra.get("runtime") or {}).get("choices") or {}).items()
+               if v is not None and not str(k).startswith("hydra")}
+    overrides = [str(o) for o in ((hydra.get("overrides") or {}).get("task") or [])]
+    choices.update({override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o})
+    sweep_dir = next((d for d in Path(run_dir).resolve().parents if (d / "multirun.yaml").is_file()), None)
+    multirun = str(hydra.get("mode", "")).upper().endswith("MULTIRUN") if hydra else sweep_dir is not None
+    if not multirun:
+        return RunContext(choices=choices)
+    swept = [str(k) for k in ((hydra.get("sweeper") or {}).get("params") or {})]
+    swept += swept_keys(sweep_dir) if sweep_dir is not None else []
+    return RunContext(True, tuple(dict.fromkeys(swept)), choices)
+
+
+def current_job_context(run_dir: str | Path) -> RunContext:
+    """``job_context`` of the Hydra job running now (``HydraConfig``, in memory), or of none outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.instance().cfg
+    node = OmegaConf.to_container(hydra.hydra, resolve=False) if hydra is not None and "hydra" in hydra else None
+    return job_context(node, run_dir)

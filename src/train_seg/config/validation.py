@@ -29,7 +29,8 @@ def validate_config(cfg) -> None:
 
     First the declarative ones of ``train_seg.config.schema`` (the ``Check`` of each schema field: ranges, choices,
     finiteness; then ``GROUP_CHECKS`` for the keys the selected group options have), then those that need code:
-    the head must fit the loss, and the device and precision must exist on this machine.
+    the head must fit the loss. Whether the device and precision exist on this machine is checked where they are
+    resolved, once (``resolve_device``, ``resolve_precision``: ``train_seg.engine.trainer.prepare``).
     """
     for key, check in checks():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
@@ -38,7 +39,6 @@ def validate_config(cfg) -> None:
             _require(message is None, message)
     _check_head_and_loss(cfg)
     _check_eval_scales(cfg.trainer.eval_scales)
-    resolve_precision(cfg.trainer.precision, resolve_device(cfg.trainer.device))
 
 
 def _check_eval_scales(scales) -> None:

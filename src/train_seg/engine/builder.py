@@ -1,7 +1,8 @@
-"""Builds each stage's objects from its config node (datasets, transforms, samplers, loaders, the loss with its
-class weights, the sinks, optimizer and scheduler; the model through ``train_seg.models.build_model``), all through
-``train_seg.config.instantiate``. Every other module receives plain objects and knows nothing of Hydra or OmegaConf.
-Errors raised by a constructor come out unwrapped, so the user sees its own one-paragraph message."""
+"""Builds a run in one pass: ``build_run(cfg, run_dir, settings, context)`` turns the validated config into every
+object of a ``Run`` (data + class statistics, class weights, model, loss, loaders, optimizer, scheduler, sinks),
+each stage's object from its config node through ``train_seg.config.instantiate`` (the model through
+``train_seg.models.build_model``). Every other module receives plain objects and knows nothing of Hydra or
+OmegaConf. Errors raised by a constructor come out unwrapped, so the user sees its own one-paragraph message."""
 from __future__ import annotations
 
 import multiprocessing
@@ -10,21 +11,116 @@ import re
 import sys
 
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from hydra.utils import get_class
+from omegaconf import OmegaConf
 from torch import nn
 
+from train_seg import distributed
 from train_seg.config.instantiate import instantiate_node, plain_node
+from train_seg.config.naming import RunContext
 from train_seg.config.validation import ConfigError
-from train_seg.models import build_model  # noqa: F401 (the builders of every stage, in one place)
-from train_seg.data.base import SegmentationDataset, SegmentationSource, check_on_bad_sample
+from train_seg.data.base import SegmentationDataset, SegmentationSource, check_on_bad_sample, skip_bad_samples
+from train_seg.data.class_stats import compute_class_stats
+from train_seg.data.order import EpochOrder, SeededSamples
+from train_seg.engine import runtime
+from train_seg.engine.loop import LoopSettings
+from train_seg.engine.state import Run
+from train_seg.losses.weighting import class_weights as compute_class_weights
+from train_seg.models import build_model
 
 # Keys of a dataset node that are not constructor arguments (``on_bad_sample`` goes to the SegmentationDataset).
 RESERVED_DATASET_KEYS = ("transforms", "name", "on_bad_sample")
 # Key of a loss (term) node: false keeps that term unweighted even when a weighting scheme is selected.
 CLASS_WEIGHTS_KEY = "class_weights"
 WEIGHTED_SUM = "train_seg.losses.WeightedSum"
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def build_run(cfg, run_dir: Path, settings: LoopSettings, context: RunContext) -> Run:
+    """Every object of the run of the validated ``cfg``, on ``settings.device``: the sources are validated and their
+    class statistics computed (rank 0 computes or reads the cache, then broadcasts) before the model is built."""
+    seed = int(cfg.seed)
+    sources = {split: build_source(cfg.dataset, split) for split in ("train", "val")}
+    for source in sources.values():
+        source.validate()
+    progress = bool(cfg.trainer.progress)
+    # the val pass reads every val mask once too: bad label values fail here, before training
+    stats, val_stats = distributed.main_then_broadcast(lambda: tuple(
+        compute_class_stats(sources[split], cache_dir=cfg.paths.cache_dir, progress=progress)
+        for split in ("train", "val")))
+    weights = compute_class_weights(stats, **OmegaConf.to_container(cfg.weighting, resolve=True))
+    class_names = list(sources["train"].class_names)
+    model, train_model = build_train_model(cfg, settings, len(class_names), seed)
+    criterion = build_criterion(cfg.loss, weights).to(settings.device)
+    train_set = SegmentationDataset(sources["train"], build_transform(cfg.dataset, "train", seed))
+    val_set = SegmentationDataset(sources["val"], build_transform(cfg.dataset, "val", seed))
+    sampler = build_sampler(cfg.sampler, stats.presence, seed)
+    generator = torch.Generator().manual_seed(seed)
+    train_loader, val_loader = _data_loaders(cfg.trainer, train_set, val_set, sampler, settings.device, generator,
+                                             seed)
+    total_steps = total_training_steps(cfg.trainer, len(train_loader), len(train_set))
+    optimizer = build_optimizer(cfg.optimizer, model)
+    return Run(
+        config=OmegaConf.to_container(cfg, resolve=True), run_dir=Path(run_dir), settings=settings, context=context,
+        class_names=class_names, palette=[list(map(int, c)) for c in sources["train"].palette], stats=stats,
+        val_stats=val_stats, weights=weights, rare=torch.as_tensor(stats.pixel_share < float(cfg.rare_share)),
+        model=model, train_model=train_model, criterion=criterion,
+        optimizer=optimizer, scheduler=build_scheduler(cfg.scheduler, optimizer, total_steps),
+        scaler=torch.amp.GradScaler(settings.device.type, enabled=settings.amp_dtype == torch.float16),
+        train_set=train_set, val_set=val_set, train_loader=train_loader, val_loader=val_loader, sampler=sampler,
+        generator=generator, total_steps=total_steps,
+        sinks=build_sinks(cfg.get("logger"), main_process=distributed.is_main()),
+    )
+
+
+def _data_loaders(trainer_cfg, train_set, val_set, sampler, device: torch.device, generator, seed: int):
+    """The loaders over (index, augmentation seed) pairs of this rank's share of the epoch (``data.order``), with
+    ``dataset.on_bad_sample=skip`` applied and the compute threads set for their worker count."""
+    order = EpochOrder(len(train_set), seed, base=sampler, rank=distributed.rank(), world_size=distributed.world_size())
+    train_loader, val_loader = build_loaders(trainer_cfg, SeededSamples(train_set), val_set, order, device, generator,
+                                             val_sampler=distributed.eval_sampler(len(val_set)))
+    skip_bad_samples(train_loader, val_loader)
+    set_threads(trainer_cfg, device, train_loader.num_workers)
+    return train_loader, val_loader
+
+
+def build_train_model(cfg, settings: LoopSettings, num_classes: int, seed: int):
+    """The model on its device (SyncBatchNorm, torch.compile when asked) and what the training step calls:
+    ``DistributedDataParallel`` of it under torch.distributed, the model itself in one process."""
+    model = build_model(cfg.model, num_classes=num_classes)
+    model.to(settings.device, memory_format=settings.memory_format)
+    if cfg.model.get("sync_batchnorm"):
+        model = distributed.sync_batchnorm(model, settings.device)
+    runtime.maybe_compile(model, bool(cfg.trainer.compile), device=settings.device)  # in place: same state_dict keys
+    train_model = distributed.wrap_ddp(model, settings.device)
+    if distributed.rank() > 0:  # every rank its own dropout masks (DDP copied rank 0's initial weights)
+        torch.manual_seed(seed + 1_000_003 * distributed.rank())
+    return model, train_model
+
+
+def set_threads(trainer_cfg, device: torch.device, workers: int) -> None:
+    """``trainer.num_threads`` (``auto``: ``train_seg.engine.runtime.resolve_num_threads``); under torch.distributed
+    on CPU, the cores are shared by the local ranks."""
+    threads = runtime.resolve_num_threads(trainer_cfg.num_threads, workers=workers)
+    shared = distributed.is_initialized() and device.type == "cpu" and trainer_cfg.num_threads in (None, "auto")
+    if shared:
+        threads = max(1, (threads or torch.get_num_threads()) // distributed.local_world_size())
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+
+
+def total_training_steps(trainer_cfg, epoch_steps: int, num_images: int) -> int:
+    if epoch_steps == 0:
+        raise ConfigError(
+            f"trainer.batch_size={trainer_cfg.batch_size} is larger than the training split ({num_images} images), "
+            "and incomplete batches are dropped: lower the batch size."
+        )
+    total = int(trainer_cfg.max_epochs) * epoch_steps
+    return min(total, int(trainer_cfg.max_steps)) if trainer_cfg.max_steps is not None else total
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -71,9 +167,7 @@ def build_loaders(trainer_cfg, train_set: SegmentationDataset, val_set: Segmenta
                   generator: torch.Generator, val_sampler=None):
     """The training and validation DataLoaders; ``trainer.num_workers=auto`` is resolved by
     ``train_seg.engine.runtime.resolve_num_workers`` (0 for in-memory data, else a share of the usable cores)."""
-    from train_seg.engine.runtime import dataset_kind, resolve_num_workers
-
-    workers = resolve_num_workers(trainer_cfg.num_workers, dataset_kind=dataset_kind(train_set))
+    workers = runtime.resolve_num_workers(trainer_cfg.num_workers, dataset_kind=runtime.dataset_kind(train_set))
     pin = device.type == "cuda" if trainer_cfg.pin_memory == "auto" else bool(trainer_cfg.pin_memory)
     common = dict(num_workers=workers, pin_memory=pin, worker_init_fn=seed_worker,
                   persistent_workers=bool(trainer_cfg.persistent_workers) and workers > 0)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.profiler import record_function
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter(loader) a second time (extra workers)
 
-from train_seg.evaluation.loop import autocast
+from train_seg.evaluation.loop import autocast, memory_format, to_device
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,7 @@ class LoopSettings:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-
-def to_device(images: torch.Tensor, settings: LoopSettings) -> torch.Tensor:
-    return images.to(settings.device, non_blocking=True).contiguous(memory_format=settings.memory_format)
+        return memory_format(self.channels_last)
 
 
 def forward_loss(model: nn.Module, criterion: nn.Module, images, targets, aux_weight: float):
@@ -138,7 +134,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         if max_steps is not None and global_step >= max_steps:
             break
         with record_function("train_seg.to_device"):
-            images, targets = to_device(images, settings), targets.to(settings.device, non_blocking=True)
+            images, targets = to_device(images, settings.device, settings.channels_last), targets.to(settings.device, non_blocking=True)
         with autocast(settings.device, settings.amp_dtype):
             loss, _, terms = forward_loss(model, criterion, images, targets, settings.aux_weight)
         updated = _optimizer_step(loss, model, optimizer, scheduler, scaler, settings.grad_clip)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from train_seg.checkpoint import capture_rng_state
+from train_seg.config.naming import RunContext
 from train_seg.data.base import SegmentationDataset
 from train_seg.data.class_stats import ClassStats
 from train_seg.engine.loop import LoopSettings
@@ -24,6 +25,7 @@ class Run:
     config: dict  # the resolved config as a plain dict (what checkpoints, TensorBoard and metrics.json record)
     run_dir: Path
     settings: LoopSettings
+    context: RunContext  # the Hydra job it runs in: sweep job or not, swept keys, config-group choices
     class_names: list[str]
     palette: list
     stats: ClassStats

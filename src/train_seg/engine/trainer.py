@@ -15,7 +15,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from train_seg import distributed
 
@@ -25,16 +24,13 @@ from train_seg.engine import runtime as perf
 
 from train_seg.reporting import record
 from train_seg.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, restore_rng_state
+from train_seg.config.naming import current_job_context
 from train_seg.config.validation import ConfigError, resolve_device, resolve_precision, validate_config
-from train_seg.data.base import SegmentationDataset, skip_bad_samples
-from train_seg.data.class_stats import compute_class_stats
-from train_seg.data.order import EpochOrder, SeededSamples
 from train_seg.engine.loop import EpochProgress, LoopSettings, train_one_epoch
 from train_seg.evaluation.loop import evaluate
 from train_seg.reporting.events import Checkpoint, EpochEnd, EvalResult, Sink, TrainLog
 from train_seg.engine.signals import RunInterrupted, StopRequest
 from train_seg.engine.state import Run
-from train_seg.losses.weighting import class_weights as compute_class_weights
 
 log = logging.getLogger("train_seg")
 
@@ -46,7 +42,8 @@ def seed_everything(seed: int) -> None:
 
 
 def loop_settings(trainer, device: torch.device) -> LoopSettings:
-    """The loop's settings from the ``trainer`` config node (validated by ``validate_config``)."""
+    """The loop's settings from the ``trainer`` config node (validated by ``validate_config``) on ``device``: the
+    one place where ``trainer.precision`` is resolved (``resolve_precision``)."""
     return LoopSettings(
         device=device, amp_dtype=resolve_precision(trainer.precision, device),
         channels_last=bool(trainer.channels_last), aux_weight=float(trainer.aux_weight),
@@ -55,89 +52,26 @@ def loop_settings(trainer, device: torch.device) -> LoopSettings:
     )
 
 
-def prepare(cfg, run_dir: str | Path) -> Run:
-    """Validates the config and builds every object. Raises a ValueError subclass with a one-paragraph message
-    on bad input; writes nothing but the class-statistics cache."""
+def prepare(cfg, run_dir: str | Path, device: torch.device | None = None) -> Run:
+    """Validates the config, resolves the device (``trainer.device``, unless the caller resolved it: ``device``)
+    and precision once, and builds every object (``builder.build_run``); resumes when asked. Raises a ValueError
+    subclass with a one-paragraph message on bad input; writes nothing but the class-statistics cache."""
     validate_config(cfg)
     trainer = cfg.trainer
     run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's (other ranks' Hydra made none)
     in_place = _resume_in_place(trainer, Path(run_dir))
     if in_place is None:
         _refuse_existing_run(Path(run_dir))
-    settings = loop_settings(trainer, distributed.local_device(resolve_device(trainer.device)))
+    settings = loop_settings(trainer, distributed.local_device(device or resolve_device(trainer.device)))
     perf.apply_backend_settings(settings.device, bool(trainer.cudnn_benchmark))
-    seed = int(cfg.seed)
-    seed_everything(seed)
-
-    sources = {split: build.build_source(cfg.dataset, split) for split in ("train", "val")}
-    for source in sources.values():
-        source.validate()
-    progress = bool(trainer.progress)
-    # the val pass reads every val mask once too: bad label values fail here, before training. Under
-    # torch.distributed rank 0 computes (or reads the cache) and broadcasts; a bad dataset stops every rank alike.
-    stats, val_stats = distributed.main_then_broadcast(lambda: tuple(
-        compute_class_stats(sources[split], cache_dir=cfg.paths.cache_dir, progress=progress)
-        for split in ("train", "val")))
-    weights = compute_class_weights(stats, **OmegaConf.to_container(cfg.weighting, resolve=True))
-    class_names = list(sources["train"].class_names)
-
-    model, train_model = _build_model(cfg, settings, len(class_names), seed)
-    criterion = build.build_criterion(cfg.loss, weights).to(settings.device)
-    train_set = SegmentationDataset(sources["train"], build.build_transform(cfg.dataset, "train", seed))
-    val_set = SegmentationDataset(sources["val"], build.build_transform(cfg.dataset, "val", seed))
-    sampler = build.build_sampler(cfg.sampler, stats.presence, seed)
-    # (index, augmentation seed) pairs, this rank's share of the epoch (see data/order.py)
-    order = EpochOrder(len(train_set), seed, base=sampler, rank=distributed.rank(), world_size=distributed.world_size())
-    generator = torch.Generator().manual_seed(seed)
-    train_loader, val_loader = build.build_loaders(
-        trainer, SeededSamples(train_set), val_set, order, settings.device, generator,
-        val_sampler=distributed.eval_sampler(len(val_set)))
-    skip_bad_samples(train_loader, val_loader)  # dataset.on_bad_sample=skip: batches drop unreadable samples
-    _set_threads(trainer, settings.device, train_loader.num_workers)
-    total_steps = _total_steps(trainer, len(train_loader), len(train_set))
-    optimizer = build.build_optimizer(cfg.optimizer, model)
-    run = Run(
-        config=OmegaConf.to_container(cfg, resolve=True), run_dir=Path(run_dir), settings=settings,
-        class_names=class_names, palette=[list(map(int, c)) for c in sources["train"].palette], stats=stats,
-        val_stats=val_stats, weights=weights, rare=torch.as_tensor(stats.pixel_share < float(cfg.rare_share)),
-        model=model, train_model=train_model, criterion=criterion, optimizer=optimizer,
-        scheduler=build.build_scheduler(cfg.scheduler, optimizer, total_steps),
-        scaler=torch.amp.GradScaler(settings.device.type, enabled=settings.amp_dtype == torch.float16),
-        train_set=train_set, val_set=val_set, train_loader=train_loader, val_loader=val_loader, sampler=sampler,
-        generator=generator, total_steps=total_steps,
-        sinks=build.build_sinks(cfg.get("logger"), main_process=distributed.is_main()),
-    )
+    seed_everything(int(cfg.seed))
+    run = build.build_run(cfg, run_dir, settings, current_job_context(run_dir))
     if in_place is not None:
         _resume(run, in_place)
         run.completed = record.read(run.run_dir).status == "completed"
     elif trainer.resume is not None and trainer.resume != "auto":
         _resume(run, resolve_checkpoint(trainer.resume))
     return run
-
-
-def _build_model(cfg, settings: LoopSettings, num_classes: int, seed: int):
-    """The model on its device (SyncBatchNorm, torch.compile when asked) and what the training step calls:
-    ``DistributedDataParallel`` of it under torch.distributed, the model itself in one process."""
-    model = build.build_model(cfg.model, num_classes=num_classes)
-    model.to(settings.device, memory_format=settings.memory_format)
-    if cfg.model.get("sync_batchnorm"):
-        model = distributed.sync_batchnorm(model, settings.device)
-    perf.maybe_compile(model, bool(cfg.trainer.compile), device=settings.device)  # in place: same state_dict keys
-    train_model = distributed.wrap_ddp(model, settings.device)
-    if distributed.rank() > 0:  # every rank its own dropout masks (DDP copied rank 0's initial weights)
-        torch.manual_seed(seed + 1_000_003 * distributed.rank())
-    return model, train_model
-
-
-def _set_threads(trainer, device: torch.device, workers: int) -> None:
-    """``trainer.num_threads`` (``auto``: ``train_seg.engine.runtime.resolve_num_threads``); under torch.distributed on CPU,
-    the cores are shared by the local ranks."""
-    threads = perf.resolve_num_threads(trainer.num_threads, workers=workers)
-    shared = distributed.is_initialized() and device.type == "cpu" and trainer.num_threads in (None, "auto")
-    if shared:
-        threads = max(1, (threads or torch.get_num_threads()) // distributed.local_world_size())
-    if threads is not None:
-        torch.set_num_threads(int(threads))
 
 
 def _resume_in_place(trainer, run_dir: Path) -> Path | None:
@@ -150,16 +84,6 @@ def _resume_in_place(trainer, run_dir: Path) -> Path | None:
         return last
     log.info("trainer.resume=auto: %s has no last.pt, starting a new run there", run_dir)
     return None
-
-
-def _total_steps(trainer, epoch_steps: int, num_images: int) -> int:
-    if epoch_steps == 0:
-        raise ConfigError(
-            f"trainer.batch_size={trainer.batch_size} is larger than the training split ({num_images} images), "
-            "and incomplete batches are dropped: lower the batch size."
-        )
-    total = int(trainer.max_epochs) * epoch_steps
-    return min(total, int(trainer.max_steps)) if trainer.max_steps is not None else total
 
 
 def _refuse_existing_run(run_dir: Path) -> None:

@@ -21,14 +21,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The memory format of models and batches: ``channels_last`` or the default contiguous one."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A batch of images on ``device`` in the memory format of the model (``memory_format``)."""
+    return images.to(device, non_blocking=True).contiguous(memory_format=memory_format(channels_last))
+
+
 def predict_batch(model: nn.Module, images: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None = None,
                   channels_last: bool = False) -> torch.Tensor:
     """The one inference step: images ``(N, C, H, W)`` to the device, autocast, ``model(x)["out"]``.
 
     Returns the logits ``(N, K, H, W)`` on the device, in the autocast dtype (bf16 logits are exact in float32, so
     an arg-max needs no copy). The caller puts the model in eval mode and disables autograd."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    images = to_device(images, device, channels_last)
     with autocast(device, amp_dtype):
         return model(images)["out"]
 

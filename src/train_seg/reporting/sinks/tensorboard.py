@@ -17,14 +17,12 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from train_seg.reporting.events import PRED_SHARE, TAG_NAMES, EpochEnd, EvalResult, Sink, TrainLog
-from train_seg.config.naming import override_key, swept_keys
 
 # -- hparams ---------------------------------------------------------------------------------------------------
 _MISSING = object()
@@ -38,7 +36,7 @@ def hparams_from_config(config: Mapping, keys: Sequence[str],
 
     Numbers, strings and booleans are kept (a ``..._target_`` keeps its class name only). A config node is the
     name of the option chosen for that config group when ``choices`` knows it (``{"loss": "focal"}``: Hydra's
-    ``hydra.runtime.choices`` and the command-line overrides, see ``run_context``), else one compact string
+    ``hydra.runtime.choices`` and the command-line overrides, see ``train_seg.config.naming.job_context``), else one compact string
     (``loss`` -> ``"FocalLoss(gamma=2.0, ignore_index=255)"``, the ``_target_``'s class name or a weighting's
     ``scheme`` first); lists and null become strings. A key missing from the config is its choice
     (``experiment`` -> ``"quick"``) or ``"n/a"``. Every job of a sweep therefore logs the same hparam names, which the
@@ -205,41 +203,6 @@ def read_session_hparams(run_dir: str | Path, max_events: int = 200) -> dict[str
 def _from_proto_value(value) -> Any:
     kind = value.WhichOneof("kind")
     return {"number_value": value.number_value, "bool_value": value.bool_value}.get(kind, value.string_value)
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What the Hydra job that owns a run directory says about it (``run_context``)."""
-
-    multirun: bool = False
-    swept: tuple[str, ...] = ()  # the keys the sweep varies
-    choices: Mapping[str, str] = field(default_factory=dict)  # config group -> option chosen
-
-
-def run_context(run_dir: str | Path) -> RunContext:
-    """The Hydra job that owns ``run_dir``, from its ``.hydra/hydra.yaml``: ``hydra.mode``, the keys of
-    ``hydra.sweeper.params`` and, from the sweep's ``multirun.yaml`` in a parent directory, the command-line sweep
-    overrides (``train_seg.reporting.summary.swept_keys``); the choices are ``hydra.runtime.choices`` plus the job's
-    ``group=option`` overrides. Without ``.hydra/hydra.yaml`` (outside Hydra, or ``hydra.output_subdir=null``): a
-    job of a sweep when a parent directory holds a ``multirun.yaml``, else a single run; no choices."""
-    import yaml
-
-    try:
-        hydra = (yaml.safe_load((Path(run_dir) / ".hydra" / "hydra.yaml").read_text()) or {}).get("hydra") or {}
-    except (OSError, yaml.YAMLError):
-        hydra = None
-    choices = {str(k): str(v) for k, v in (((hydra or {}).get("runtime") or {}).get("choices") or {}).items()
-               if v is not None and not str(k).startswith("hydra")}
-    overrides = [str(o) for o in (((hydra or {}).get("overrides") or {}).get("task") or [])]
-    choices.update({override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o})
-    sweep_dir = next((d for d in Path(run_dir).resolve().parents if (d / "multirun.yaml").is_file()), None)
-    multirun = str(hydra.get("mode", "")).upper() == "MULTIRUN" if hydra is not None else sweep_dir is not None
-    if not multirun:
-        return RunContext(choices=choices)
-
-    swept = [str(k) for k in (((hydra or {}).get("sweeper") or {}).get("params") or {})]
-    swept += swept_keys(sweep_dir) if sweep_dir is not None else []
-    return RunContext(True, tuple(dict.fromkeys(swept)), choices)
 
 
 def write_sweep_experiment(sweep_dir: str | Path, job_dirs: Sequence[str | Path], metric_tags: Sequence[str],
@@ -443,7 +406,7 @@ class TensorBoardSink(Sink):
         presence = np.asarray(run.val_stats.presence, dtype=bool).reshape(-1, len(run.class_names))
         val_present = presence.any(axis=0).tolist()  # classes of the val split (the others get no IoU chart)
         self.tb.log_layout(run.class_names, run.rare_names, run.pixel_share, val_present)
-        job = run_context(run.run_dir)
+        job = run.context
         self.tb.log_hparams(hparams_from_config(run.config, hparam_keys(self.hparams, job.swept), job.choices),
                             hparam_metric_tags(run.class_names, run.config["optimized_metric"], run.pixel_share,
                                                val_present),
