@@ -24,7 +24,7 @@ from train_seg.engine import builder as build
 from train_seg.engine import runtime as perf
 
 from train_seg.reporting import record
-from train_seg.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, restore_rng_state
+from train_seg.checkpoint import CheckpointError, find_checkpoint, read_checkpoint, restore_rng_state
 from train_seg.config.validation import ConfigError, resolve_device, resolve_precision, validate_config
 from train_seg.data.base import SegmentationDataset, skip_bad_samples
 from train_seg.data.class_stats import compute_class_stats
@@ -111,7 +111,7 @@ def prepare(cfg, run_dir: str | Path) -> Run:
         _resume(run, in_place)
         run.completed = record.read(run.run_dir).status == "completed"
     elif trainer.resume is not None and trainer.resume != "auto":
-        _resume(run, resolve_checkpoint(trainer.resume))
+        _resume(run, find_checkpoint(trainer.resume, prefer="last", option="trainer.resume"))
     return run
 
 
@@ -174,7 +174,7 @@ def _refuse_existing_run(run_dir: Path) -> None:
 
 
 def _resume(run: Run, path: Path) -> None:
-    state = load_checkpoint(path, map_location="cpu")
+    state = read_checkpoint(path, map_location="cpu")
     if list(state.get("class_names", [])) != run.class_names:
         raise CheckpointError(
             f"trainer.resume={path}: the checkpoint was trained on classes {state.get('class_names')}, but this run's "
