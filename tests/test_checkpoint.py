@@ -41,7 +41,8 @@ def fixture_models(monkeypatch):
 
 def _targets(node) -> list[str]:
     if isinstance(node, dict):
-        return [v for k, v in node.items() if k == "_target_" and isinstance(v, str)] + [t for v in node.values() for t in _targets(v)]
+        own = [v for k, v in node.items() if k == "_target_" and isinstance(v, str)]
+        return own + [t for v in node.values() for t in _targets(v)]
     return [t for v in node for t in _targets(v)] if isinstance(node, list) else []
 
 
