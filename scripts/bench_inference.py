@@ -58,7 +58,7 @@ def load_model(args, device):
 
     from train_seg.engine import builder as build
     from train_seg.config.command_line import compose
-    from train_seg.evaluation.inference import load_checkpoint_model
+    from train_seg.checkpoint import load_checkpoint_model
 
     if args.ckpt:
         model, meta = load_checkpoint_model(args.ckpt, device)

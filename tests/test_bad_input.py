@@ -19,7 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from _dataset_fixtures import FOLDER_CLASSES, truncate, write_folder, write_rgb
-from train_seg.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from train_seg.checkpoint import CHECKPOINT_VERSION, CheckpointError, read_checkpoint, save_checkpoint
 
 SYNTHETIC_CLASSES = ["background", "lake", "road", "car"]
 TINY = ["trainer.max_steps=1", "trainer.batch_size=2", "trainer.num_threads=1", "trainer.num_workers=0",
@@ -305,7 +305,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
     message = str(info.value)
     assert f"the previous {path} is intact" in message and "Free space" in message and "trainer.resume=" in message
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
-    assert load_checkpoint(path)["epoch"] == 1
+    assert read_checkpoint(path)["epoch"] == 1
 
 
 # -- a sample that becomes unreadable during training ----------------------------------------------------------
@@ -362,7 +362,7 @@ def test_a_saved_checkpoint_loads_with_weights_only(tmp_path):
 
     path = fake_checkpoint(tmp_path / "c.pt", rng=capture_rng_state(), palette=[[0, 0, 0]], best={"value": 0.5})
     state = torch.load(path, weights_only=True)
-    assert state["version"] == CHECKPOINT_VERSION and load_checkpoint(path)["class_names"] == SYNTHETIC_CLASSES
+    assert state["version"] == CHECKPOINT_VERSION and read_checkpoint(path)["class_names"] == SYNTHETIC_CLASSES
 
 
 def test_an_older_checkpoint_with_python_objects_is_refused_then_converted(tmp_path, capsys):
@@ -372,7 +372,7 @@ def test_an_older_checkpoint_with_python_objects_is_refused_then_converted(tmp_p
     torch.save({"model": {"w": torch.ones(2)}, "config": {"seed": np.int64(3)}, "class_names": ("a", "b"),
                 "stats": np.arange(3), "where": Path("/x")}, old)
     with pytest.raises(CheckpointError, match="python -m train_seg.checkpoint convert"):
-        load_checkpoint(old)
+        read_checkpoint(old)
     checkpoint_main(["convert", str(old), str(tmp_path / "new.pt")])
     assert "converted" in capsys.readouterr().out
     state = torch.load(tmp_path / "new.pt", weights_only=True)
@@ -380,5 +380,5 @@ def test_an_older_checkpoint_with_python_objects_is_refused_then_converted(tmp_p
     assert state["version"] == CHECKPOINT_VERSION
     torch.save({"weights": np.zeros(2)}, tmp_path / "foreign.pt")  # not ours: no conversion offered
     with pytest.raises(CheckpointError, match="not a train_seg checkpoint") as refused:
-        load_checkpoint(tmp_path / "foreign.pt")
+        read_checkpoint(tmp_path / "foreign.pt")
     assert "convert" not in str(refused.value)

@@ -20,7 +20,7 @@ from conftest import ROOT, cli_env
 from test_inference import trained_run
 from train_seg.cli import export
 from train_seg.cli.export import TORCHSCRIPT_METADATA, main, read_metadata
-from train_seg.evaluation.inference import load_checkpoint_model
+from train_seg.checkpoint import load_checkpoint_model
 
 CLASSES = ["background", "lake", "road", "car"]
 NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "max_pixel_value": 255.0}
@@ -145,7 +145,7 @@ def test_cli_subprocess(run_dir, tmp_path):
 def test_a_model_with_an_auxiliary_head_exports_without_it(run_dir, tmp_path):
     """The aux head (model.aux_loss=true) is dropped: torch.jit.script refused a submodule set to None."""
     from train_seg.engine import builder as build
-    from train_seg.evaluation.inference import checkpoint_meta
+    from train_seg.checkpoint import checkpoint_meta
 
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     state["config"] = {**state["config"], "model": {**state["config"]["model"], "aux_loss": True}}

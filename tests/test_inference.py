@@ -19,8 +19,9 @@ from torch import nn
 
 from _dataset_fixtures import truncate
 from conftest import compose_cfg
-from train_seg.evaluation.inference import (CheckpointError, CheckpointMeta, infer_logits, load_checkpoint_model, predict,
-                                 slide_logits, to_model_input, tta_logits, window_starts)
+from train_seg.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint_model
+from train_seg.evaluation.inference import (infer_logits, predict, slide_logits, to_model_input, tta_logits,
+                                            window_starts)
 
 # a few steps with strong class weights: the model predicts more than one class, so comparisons mean something
 TRAIN_OVERRIDES = ("trainer.max_steps=2", "logger=none", "weighting=inverse", "optimizer.lr=0.1",
@@ -80,9 +81,9 @@ def _meta(**changes) -> CheckpointMeta:
 # -- the package -----------------------------------------------------------------------------------------------
 def test_import_train_seg_stays_torch_free_and_exports_load_checkpoint_model():
     import train_seg
-    import train_seg.evaluation.inference
+    import train_seg.checkpoint
 
-    assert train_seg.load_checkpoint_model is train_seg.evaluation.inference.load_checkpoint_model
+    assert train_seg.load_checkpoint_model is train_seg.checkpoint.load_checkpoint_model
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         train_seg.nothing  # noqa: B018
     code = "import sys, train_seg; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import ROOT, cli_env
 from test_inference import ConvModel, loaded, run_dir  # noqa: F401  (module fixtures: the tiny trained run)
-from train_seg.evaluation import inference
+from train_seg import checkpoint
 from train_seg.evaluation.inference import predict
 from train_seg.cli.predict import class_palette, default_palette, main, output_stems
 
@@ -70,7 +70,7 @@ def test_masks_and_overlays_for_every_mode_and_size(run_dir, loaded, tmp_path, m
     model, meta = loaded
     if model_kind == "stand-in":
         model = ConvModel(classes=len(CLASSES)).eval()
-        monkeypatch.setattr(inference, "load_checkpoint_model", lambda path, device: (model, meta))
+        monkeypatch.setattr(checkpoint, "load_checkpoint_model", lambda path, device: (model, meta))
     images = write_modes(tmp_path / "in")
     out = tmp_path / "out"
     assert run(f"ckpt={run_dir / 'last.pt'}", f"input={tmp_path / 'in'}", f"output={out}") == 0

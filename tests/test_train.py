@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_seg.checkpoint import load_checkpoint
+from train_seg.checkpoint import read_checkpoint
 from train_seg.config.validation import ConfigError
 from train_seg.engine.trainer import prepare, train
 
@@ -39,7 +39,7 @@ def test_trains_a_few_steps_and_writes_everything(make_cfg, tmp_path):
     for name in CLASSES:
         assert tags.get(f"val/IoU/{name}", 0) + (metrics["final"]["per_class"][name]["iou"] is None) >= 1
     assert tags["val/mIoU"] == 3 and tags["train/loss"] == 12 and tags["train/lr"] == 12
-    state = load_checkpoint(run / "last.pt")
+    state = read_checkpoint(run / "last.pt")
     assert state["epoch"] == 3 and state["global_step"] == 12 and state["class_names"] == CLASSES
     assert state["config"]["loss"]["_target_"] == "train_seg.losses.CrossEntropyLoss"
 
@@ -82,8 +82,8 @@ def test_resume_continues_exactly(make_cfg, tmp_path, monkeypatch):
     resumed = train(resumed_cfg, tmp_path / "c")
     assert (tmp_path / "b" / "last.pt").read_bytes() == before  # the old run is never modified
     assert [h["step"] for h in resumed["history"]] == [4, 8]
-    a = load_checkpoint(tmp_path / "a" / "last.pt")
-    c = load_checkpoint(tmp_path / "c" / "last.pt")
+    a = read_checkpoint(tmp_path / "a" / "last.pt")
+    c = read_checkpoint(tmp_path / "c" / "last.pt")
     assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])  # bit for bit the uninterrupted run
     assert resumed["history"][-1]["train/loss"] == straight["history"][-1]["train/loss"]
     assert resumed["final"]["val/mIoU"] == straight["final"]["val/mIoU"]

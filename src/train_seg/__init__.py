@@ -24,7 +24,7 @@ register_resolvers()
 def __getattr__(name: str):
     """Lazy exports, so that ``import train_seg`` stays torch-free: ``train_seg.load_checkpoint_model``."""
     if name == "load_checkpoint_model":
-        from train_seg.evaluation.inference import load_checkpoint_model
+        from train_seg.checkpoint import load_checkpoint_model
 
         return load_checkpoint_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

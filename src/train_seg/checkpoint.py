@@ -1,23 +1,37 @@
-"""Self-contained checkpoints: written atomically, read back with ``torch.load(weights_only=True)``.
+"""The one checkpoint module: write (atomically), find, read and validate, build the model from, and convert.
 
 A checkpoint holds everything needed to continue or to evaluate without the original config files: model,
 optimizer, scheduler and GradScaler states, epoch and step counters, RNG states (python, numpy, torch CPU and
 CUDA), the resolved config, class names, palette, the class-weight vector, and the best metric so far.
-Every value is a tensor, a number, a string or a container of those, so the safe loader accepts it.
+Every value is a tensor, a number, a string or a container of those, so ``torch.load(weights_only=True)`` reads it.
+
+* ``find_checkpoint``: a file as given, or a run directory's ``best.pt``/``last.pt`` (``prefer`` picks which first).
+* ``read_checkpoint``: the one safe read, with every validation; old ``_target_`` paths mapped (``config.legacy``).
+* ``open_checkpoint`` / ``load_checkpoint_model``: the model rebuilt from the checkpoint's own config (its
+  ``weights``/``weights_backbone`` ignored: the file holds every weight), weights loaded strictly, in eval mode,
+  with a ``CheckpointMeta``.
+* ``convert``: an older file holding Python objects -> one the safe reader accepts.
 """
 from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from train_seg.atomic import atomic_write
+from train_seg.config.legacy import current_targets
 
 CHECKPOINT_VERSION = 1
+REQUIRED = ("model", "config", "class_names", "version")  # the entries of every train_seg checkpoint
+PREFER = ("best", "last")  # what a run directory may give: best.pt (best optimized_metric) or last.pt
+# albumentations.Normalize's defaults (used when the val pipeline's Normalize does not set them)
+_DEFAULT_MEAN, _DEFAULT_STD, _DEFAULT_MAX_PIXEL = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0
 
 
 class CheckpointError(ValueError):
@@ -74,26 +88,39 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda handle: torch.save(payload, handle), binary=True)
 
 
-def resolve_checkpoint(spec: str | Path) -> Path:
-    """``trainer.resume`` accepts a checkpoint file or a run directory (its ``last.pt`` is used)."""
+def find_checkpoint(spec: str | Path, prefer: str = "best", option: str = "ckpt") -> Path:
+    """The one run-directory rule: a checkpoint file as given; a directory gives its ``<prefer>.pt``, else the other
+    one (``prefer``: ``best`` or ``last``). Raises ``CheckpointError`` naming ``option`` (``trainer.resume``,
+    ``ckpt``) and the fix when there is no such file or the directory holds neither."""
+    if prefer not in PREFER:
+        raise ValueError(f"prefer={prefer!r}: choose one of {', '.join(PREFER)}.")
     path = Path(str(spec)).expanduser()
     if path.is_dir():
-        path = path / "last.pt"
+        names = [f"{prefer}.pt", *(f"{other}.pt" for other in PREFER if other != prefer)]
+        for name in names:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"{option}={spec}: the directory {path.resolve()} holds no checkpoint (looked for {path / names[0]} and "
+            f"{path / names[1]}). Pass a checkpoint file, or the run directory of a training run that completed at "
+            "least one epoch."
+        )
     if not path.is_file():
         raise CheckpointError(
-            f"trainer.resume={spec}: no checkpoint at {path}. Pass a checkpoint file (last.pt / best.pt) or a run "
-            "directory that contains last.pt."
+            f"{option}={spec}: no such checkpoint (looked at {path.resolve()}). Pass a checkpoint file (best.pt / "
+            "last.pt) or a run directory that holds one (e.g. outputs/<date>/<time>)."
         )
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint at ``path``, read with ``torch.load(weights_only=True)``: nothing in the file is executed.
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint at ``path``, read with ``torch.load(weights_only=True)`` (nothing in the file is executed),
+    its config's old ``_target_`` paths mapped to today's (``config.legacy``).
 
     Raises ``CheckpointError`` (one paragraph naming the file and the fix) when the file is missing, truncated, not a
-    PyTorch file, holds Python objects the safe loader refuses (with the conversion command when it looks like a
-    train_seg checkpoint of an older version: ``python -m train_seg.checkpoint convert OLD NEW``), is not a train_seg
-    checkpoint, or was written by a newer train_seg (its ``version`` above ``CHECKPOINT_VERSION``)."""
+    PyTorch file, holds Python objects the safe loader refuses (with the conversion command when it looks like an
+    older train_seg checkpoint), lacks an entry of a train_seg checkpoint (``REQUIRED``), or was written by a newer
+    train_seg (its ``version`` above ``CHECKPOINT_VERSION``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file. Pass a last.pt / best.pt written by training.")
@@ -101,20 +128,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise CheckpointError(unreadable_message(path, exc)) from exc
-    if not isinstance(state, dict) or "model" not in state or "version" not in state:
-        held = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(
-            f"{path} is a PyTorch file but not a train_seg checkpoint: it has no 'model'/'version' entries (it holds "
-            f"{held or 'nothing'}). Pass a last.pt / best.pt written by train_seg training; a plain state dict of "
-            "weights can only serve as model.weights=... of a training run."
-        )
+    _check_entries(path, state)
     version = state["version"]
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path} was written by a newer train_seg (checkpoint version {version!r}; this one reads versions up to "
             f"{CHECKPOINT_VERSION}). Upgrade train_seg (pip install -U train_seg, or git pull) to use it."
         )
-    return state
+    return {**state, "config": current_targets(dict(state["config"] or {}))}
+
+
+def _check_entries(path: Path, state) -> None:
+    """Refuses a loaded file that lacks one of ``REQUIRED``: a foreign file, or an older train_seg one without a
+    version (which ``convert`` rewrites)."""
+    missing = [key for key in REQUIRED if not isinstance(state, dict) or key not in state]
+    if not missing:
+        return
+    if missing == ["version"]:
+        raise CheckpointError(
+            f"{path} has no 'version' entry: it looks like a train_seg checkpoint of an older version. If you trust "
+            f"the file, convert it once: python -m train_seg.checkpoint convert {path} <new.pt>, and use the new file."
+        )
+    held = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
+    raise CheckpointError(
+        f"{path} is a PyTorch file but not a train_seg checkpoint: it has no {', '.join(map(repr, missing))} "
+        f"entries (it holds {held or 'nothing'}). Pass a last.pt / best.pt written by train_seg training; a plain "
+        "state dict of weights can only serve as model.weights=... of a training run."
+    )
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -162,6 +202,114 @@ def _looks_like_ours(path: Path) -> bool:
     return {"model", "config"} <= strings
 
 
+# -- what a checkpoint says, and its model -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint says about its model: class names and palette, the val pipeline's normalisation (``mean``,
+    ``std`` per RGB channel and ``max_pixel_value``, as albumentations ``Normalize``), ``ignore_index``, whether the
+    head is binary (one sigmoid channel), the architecture, the resolved training config (a plain dict), and where
+    and when it was saved."""
+
+    class_names: list[str]
+    palette: list[list[int]]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    max_pixel_value: float
+    ignore_index: int
+    binary_head: bool
+    arch: str
+    config: dict = field(repr=False)
+    path: Path | None = None
+    epoch: int | None = None
+    step: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def val_normalization(dataset_cfg: Mapping, where: str = "the checkpoint") -> tuple[tuple, tuple, float]:
+    """``(mean, std, max_pixel_value)`` of the ``Normalize`` in the dataset config's val pipeline (identity on the
+    [0, 1] scale, i.e. x / 255, without one). Raises ``CheckpointError`` naming ``where`` for several or a
+    non-standard ``Normalize``."""
+    specs = ((dataset_cfg.get("transforms") or {}).get("val") or [])
+    found = [s for s in specs
+             if isinstance(s, Mapping) and str(s.get("_target_", "")).rsplit(".", 1)[-1] == "Normalize"]
+    if not found:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 255.0
+    spec = found[0]
+    if len(found) > 1 or spec.get("normalization", "standard") != "standard":
+        raise CheckpointError(
+            f"{where}: its val pipeline normalises with {found} (dataset.transforms.val); inference reproduces one "
+            "standard albumentations Normalize (mean, std, max_pixel_value) only. Use pipeline-free inference on "
+            "images you normalise yourself, with train_seg.evaluation.inference.infer_logits."
+        )
+    mean, std = spec.get("mean", _DEFAULT_MEAN), spec.get("std", _DEFAULT_STD)
+    mean, std = ([float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v] for v in (mean, std))
+    return tuple(mean), tuple(std), float(spec.get("max_pixel_value", _DEFAULT_MAX_PIXEL))
+
+
+def checkpoint_meta(state: Mapping[str, Any], path: Path | None = None) -> CheckpointMeta:
+    """The ``CheckpointMeta`` of a checkpoint's content (as ``read_checkpoint`` returns it) found at ``path``."""
+    config = dict(state.get("config") or {})
+    dataset, model_cfg = config.get("dataset") or {}, config.get("model") or {}
+    mean, std, max_pixel = val_normalization(dataset, str(path or "the checkpoint"))
+    return CheckpointMeta(
+        class_names=[str(n) for n in state["class_names"]],
+        palette=[[int(c) for c in colour] for colour in state.get("palette") or []],
+        mean=mean, std=std, max_pixel_value=max_pixel, ignore_index=int(dataset.get("ignore_index", 255)),
+        binary_head=bool(model_cfg.get("binary_head", False)), arch=str(model_cfg.get("arch", "unknown")),
+        config=config, path=path, epoch=_int_or_none(state.get("epoch")), step=_int_or_none(state.get("global_step")),
+    )
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def build_checkpoint_model(state: Mapping[str, Any], meta: CheckpointMeta) -> nn.Module:
+    """The model of the checkpoint's config with the checkpoint's weights (strict), on the CPU, in eval mode.
+    Raises ``CheckpointError`` when the config's model cannot be built or the weights do not fit it."""
+    from train_seg.models import build_model
+
+    spec = dict(meta.config.get("model") or {})
+    spec.setdefault("_target_", "train_seg.models.build_deeplabv3")
+    spec.update({key: None for key in ("weights", "weights_backbone") if key in spec})  # all weights are in the file
+    try:
+        model = build_model(spec, num_classes=meta.num_classes)
+    except ValueError as exc:
+        raise CheckpointError(f"{meta.path}: the model its config describes cannot be built: {exc}") from exc
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        head = "a binary head" if meta.binary_head else f"{meta.num_classes} classes"
+        raise CheckpointError(
+            f"{meta.path}: its weights do not fit the model its config describes (arch {meta.arch}, {head}): the "
+            "file was edited, or written by another version of the model code. "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        ) from exc
+    return model.eval()
+
+
+def open_checkpoint(spec: str | Path, device: str | torch.device = "cpu",
+                    option: str = "ckpt") -> tuple[nn.Module, CheckpointMeta, dict]:
+    """``load_checkpoint_model`` that also returns the checkpoint's full content (class weights, history...)."""
+    path = find_checkpoint(spec, prefer="best", option=option)
+    state = read_checkpoint(path)
+    meta = checkpoint_meta(state, path)
+    model = build_checkpoint_model(state, meta).to(torch.device(device))
+    return model, meta, state
+
+
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+    """``(model in eval mode on device, CheckpointMeta)`` from a checkpoint file or a run directory (its best.pt,
+    else its last.pt). Raises ``CheckpointError`` (one paragraph) for a missing path, a file that is truncated or
+    not a checkpoint, and weights that do not fit the model."""
+    model, meta, _ = open_checkpoint(path, device)
+    return model, meta
+
+
+# -- older files -------------------------------------------------------------------------------------------------
 def _to_loadable(value, where: str):
     """``value`` with what the safe loader refuses replaced: numpy arrays -> tensors, numpy scalars and paths ->
     Python numbers and strings, tuples kept. Anything else is refused, naming the entry."""
@@ -183,8 +331,10 @@ def _to_loadable(value, where: str):
 
 
 def convert(old: str | Path, new: str | Path) -> Path:
-    """Rewrites an older train_seg checkpoint (``torch.load(weights_only=False)``: run it on files you trust only)
-    as one the safe loader reads, at ``new``, and checks that ``load_checkpoint`` accepts it."""
+    """Rewrites an older train_seg checkpoint as one the safe loader reads, at ``new``, and checks that
+    ``read_checkpoint`` accepts it. Reading the old file needs the one unsafe ``torch.load(weights_only=False)`` of the
+    package (it unpickles Python objects): run it on files you trust only. ``CheckpointError`` when ``new`` exists,
+    ``old`` cannot be read or is not a train_seg checkpoint."""
     old, new = Path(old), Path(new)
     if new.exists():
         raise CheckpointError(f"{new} exists already; choose a new file name for the converted checkpoint.")
@@ -192,12 +342,14 @@ def convert(old: str | Path, new: str | Path) -> Path:
         state = torch.load(old, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"{old} cannot be read even with weights_only=False ({exc}).") from exc
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CheckpointError(f"{old} is not a train_seg checkpoint (no 'model' and 'config' entries): nothing to do.")
+    missing = [key for key in REQUIRED if key != "version" and not (isinstance(state, dict) and key in state)]
+    if missing:
+        raise CheckpointError(f"{old} is not a train_seg checkpoint (no {', '.join(map(repr, missing))} entries): "
+                              "nothing to do.")
     state = _to_loadable(state, "checkpoint")
     state.setdefault("version", CHECKPOINT_VERSION)
     atomic_write(new, lambda handle: torch.save(state, handle), binary=True)
-    load_checkpoint(new)
+    read_checkpoint(new)
     return new
 
 

@@ -33,7 +33,7 @@ from train_seg.engine import builder as build
 
 from train_seg.reporting import record
 from train_seg.atomic import atomic_write
-from train_seg.checkpoint import CheckpointError
+from train_seg.checkpoint import CheckpointError, CheckpointMeta, open_checkpoint
 from train_seg.config.command_line import CONFIG_DIR, USER_ERRORS, exit_with_user_error, report_hydra_errors
 from train_seg.config.validation import PRECISIONS, ConfigError, normalize_precision, resolve_device, resolve_precision
 from train_seg.data.base import DatasetError, SegmentationDataset, SegmentationSource
@@ -41,8 +41,7 @@ from train_seg.data.class_stats import compute_class_stats
 from train_seg.reporting.events import EvalResult
 from train_seg.engine.loop import LoopSettings
 from train_seg.evaluation.loop import evaluate
-from train_seg.evaluation.inference import (BLENDS, MODES, CheckpointMeta, _check_scales, infer_logits, open_checkpoint,
-                                 slide_stride, to_model_input)
+from train_seg.evaluation.inference import BLENDS, MODES, _check_scales, infer_logits, slide_stride, to_model_input
 from train_seg.reporting.sinks.console import format_class_table, precision_name, starved_note
 
 log = logging.getLogger("train_seg")

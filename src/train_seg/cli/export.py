@@ -223,7 +223,7 @@ def verify_export(data: bytes, fmt: str, module, sample_size: int) -> float:
 
 def export_checkpoint(options: Options) -> tuple[dict, float | None]:
     """Exports, verifies and writes; returns ``(metadata, largest verification difference or None)``."""
-    from train_seg.evaluation.inference import load_checkpoint_model
+    from train_seg.checkpoint import load_checkpoint_model
 
     if options.format == "onnx":
         require_onnx(options.verify)

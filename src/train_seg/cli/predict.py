@@ -503,7 +503,7 @@ def load_predictor(options: Options) -> Predictor:
 
     from train_seg.config.validation import resolve_device
     from train_seg.cli.evaluate import run_settings
-    from train_seg.evaluation.inference import load_checkpoint_model
+    from train_seg.checkpoint import load_checkpoint_model
 
     try:
         device = resolve_device(options.device)

@@ -1,5 +1,6 @@
 """The one place that turns config nodes into objects (``hydra.utils.instantiate``): a node resolved to plain data,
-and its ``_target_`` built with the constructor's own error message, or a ``ConfigError`` naming the key."""
+and its ``_target_`` (old paths mapped by ``train_seg.config.legacy``) built with the constructor's own error
+message, or a ``ConfigError`` naming the key."""
 from __future__ import annotations
 
 from hydra.errors import InstantiationException
@@ -7,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from train_seg.config.legacy import current_targets
 from train_seg.config.validation import ConfigError
 
 
@@ -22,7 +24,8 @@ def plain_node(node, key: str) -> dict:
 def instantiate_node(spec: dict, key: str, **kwargs):
     """``hydra.utils.instantiate`` of ``spec`` (the node at ``key``). A constructor's own ValueError or
     FileNotFoundError comes out unwrapped (its one-paragraph message); a TypeError (a wrong keyword) or any other
-    failure becomes a ConfigError naming ``key``."""
+    failure becomes a ConfigError naming ``key``. Old ``_target_`` paths are mapped first (``config.legacy``)."""
+    spec = current_targets(dict(spec))
     try:
         return instantiate(spec, **kwargs, _convert_="all")
     except InstantiationException as exc:

@@ -23,7 +23,7 @@ from train_seg.engine import builder as build
 from train_seg.engine import runtime as perf
 
 from train_seg.reporting import record
-from train_seg.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, restore_rng_state
+from train_seg.checkpoint import CheckpointError, find_checkpoint, read_checkpoint, restore_rng_state
 from train_seg.config.naming import current_job_context
 from train_seg.config.validation import ConfigError, resolve_device, resolve_precision, validate_config
 from train_seg.engine.loop import EpochProgress, LoopSettings, train_one_epoch
@@ -70,7 +70,7 @@ def prepare(cfg, run_dir: str | Path, device: torch.device | None = None) -> Run
         _resume(run, in_place)
         run.completed = record.read(run.run_dir).status == "completed"
     elif trainer.resume is not None and trainer.resume != "auto":
-        _resume(run, resolve_checkpoint(trainer.resume))
+        _resume(run, find_checkpoint(trainer.resume, prefer="last", option="trainer.resume"))
     return run
 
 
@@ -98,7 +98,7 @@ def _refuse_existing_run(run_dir: Path) -> None:
 
 
 def _resume(run: Run, path: Path) -> None:
-    state = load_checkpoint(path, map_location="cpu")
+    state = read_checkpoint(path, map_location="cpu")
     if list(state.get("class_names", [])) != run.class_names:
         raise CheckpointError(
             f"trainer.resume={path}: the checkpoint was trained on classes {state.get('class_names')}, but this run's "

@@ -1,13 +1,9 @@
-"""Use a trained model: load a checkpoint, infer logits (whole image, sliding windows, test-time augmentation) and
-predict a label mask from a numpy image. Every forward pass goes through ``train_seg.evaluation.loop.predict_batch``, the one
-inference step; everything here is built on it.
+"""Use a trained model (``train_seg.checkpoint.load_checkpoint_model``): infer logits (whole image, sliding windows,
+test-time augmentation) and predict a label mask from a numpy image. Every forward pass goes through
+``train_seg.evaluation.loop.predict_batch``, the one inference step; everything here is built on it.
 
 Conventions (also in README.md, "Use a trained model"):
 
-* **Checkpoints.** ``load_checkpoint_model(path)`` takes a checkpoint file or a run directory; a run directory gives
-  its ``best.pt`` (the best ``optimized_metric``: the model to use), else its ``last.pt``. The model is rebuilt from the
-  checkpoint's own config (``model`` node, ``weights``/``weights_backbone`` ignored: the checkpoint holds every
-  weight), the weights are loaded strictly and the model is returned in eval mode with a ``CheckpointMeta``.
 * **Model input.** ``(N, 3, H, W)`` float32 normalised exactly as the checkpoint's val pipeline does (its
   albumentations ``Normalize``: ``(x - mean * max_pixel_value) / (std * max_pixel_value)`` on the uint8 scale, in
   float32, bit for bit). ``to_model_input`` converts a numpy image: grey ``(H, W)``/``(H, W, 1)`` is repeated to RGB,
@@ -35,55 +31,23 @@ Conventions (also in README.md, "Use a trained model"):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train_seg.checkpoint import CHECKPOINT_VERSION, CheckpointError, unreadable_message
+from train_seg.checkpoint import CheckpointMeta
 from train_seg.evaluation.loop import predict_batch
 from train_seg.evaluation.metrics import predictions
 
-__all__ = [
-    "CheckpointError", "CheckpointMeta", "TTA", "infer_logits", "load_checkpoint_model", "open_checkpoint", "predict",
-    "resolve_checkpoint_path", "slide_logits", "tta_logits", "to_model_input", "whole_logits",
-]
+__all__ = ["TTA", "infer_logits", "predict", "slide_logits", "tta_logits", "to_model_input", "whole_logits"]
 
-CHECKPOINT_NAMES = ("best.pt", "last.pt")  # what a run directory gives, in order of preference
 MODES = ("whole", "slide")
 BLENDS = ("uniform", "gaussian")
 GAUSSIAN_SIGMA = 1.0 / 8.0  # of the window side (nnU-Net's choice)
-# albumentations.Normalize's defaults (used when the val pipeline's Normalize does not set them)
-_DEFAULT_MEAN, _DEFAULT_STD, _DEFAULT_MAX_PIXEL = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0
-
-
-@dataclass(frozen=True)
-class CheckpointMeta:
-    """What a checkpoint says about its model: class names and palette, the val pipeline's normalisation (``mean``,
-    ``std`` per RGB channel and ``max_pixel_value``, as albumentations ``Normalize``), ``ignore_index``, whether the
-    head is binary (one sigmoid channel), the architecture, the resolved training config (a plain dict), and where
-    and when it was saved."""
-
-    class_names: list[str]
-    palette: list[list[int]]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    max_pixel_value: float
-    ignore_index: int
-    binary_head: bool
-    arch: str
-    config: dict = field(repr=False)
-    path: Path | None = None
-    epoch: int | None = None
-    step: int | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
 
 @dataclass(frozen=True)
@@ -92,126 +56,6 @@ class TTA:
 
     flip: bool = False
     scales: tuple[float, ...] = (1.0,)
-
-
-# -- checkpoints -----------------------------------------------------------------------------------------------
-def resolve_checkpoint_path(spec: str | Path) -> Path:
-    """A checkpoint file as given, or a run directory's ``best.pt``, else its ``last.pt``."""
-    path = Path(str(spec)).expanduser()
-    if path.is_dir():
-        for name in CHECKPOINT_NAMES:
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(
-            f"{spec}: the directory {path.resolve()} holds no checkpoint (looked for {path / CHECKPOINT_NAMES[0]} and "
-            f"{path / CHECKPOINT_NAMES[1]}). Pass a checkpoint file, or the run directory of a training run that "
-            "completed at least one epoch."
-        )
-    if not path.is_file():
-        raise CheckpointError(
-            f"{spec}: no such checkpoint (looked at {path.resolve()}). Pass a checkpoint file (best.pt / last.pt) or "
-            "a run directory that holds one (e.g. outputs/<date>/<time>)."
-        )
-    return path
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's content, read with ``torch.load(weights_only=True)`` on the CPU."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(unreadable_message(path, exc)) from exc
-    missing = [key for key in ("model", "config", "class_names") if not isinstance(state, dict) or key not in state]
-    if missing:
-        held = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(
-            f"{path} is a PyTorch file but not a train_seg checkpoint: it has no {', '.join(map(repr, missing))} "
-            f"entries (it holds {held or 'nothing'}). Pass a last.pt / best.pt written by train_seg training; a plain "
-            "state dict of weights can only serve as model.weights=... of a training run."
-        )
-    version = state.get("version")
-    if isinstance(version, int) and version > CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path} was written by a newer train_seg (checkpoint version {version}; this one reads versions up to "
-            f"{CHECKPOINT_VERSION}). Upgrade train_seg (pip install -U train_seg, or git pull) to use it."
-        )
-    return state
-
-
-def val_normalization(dataset_cfg: Mapping, where: str = "the checkpoint") -> tuple[tuple, tuple, float]:
-    """``(mean, std, max_pixel_value)`` of the ``Normalize`` in the dataset config's val pipeline (identity on the
-    [0, 1] scale, i.e. x / 255, without one)."""
-    specs = ((dataset_cfg.get("transforms") or {}).get("val") or [])
-    found = [s for s in specs
-             if isinstance(s, Mapping) and str(s.get("_target_", "")).rsplit(".", 1)[-1] == "Normalize"]
-    if not found:
-        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 255.0
-    spec = found[0]
-    if len(found) > 1 or spec.get("normalization", "standard") != "standard":
-        raise CheckpointError(
-            f"{where}: its val pipeline normalises with {found} (dataset.transforms.val); inference reproduces one "
-            "standard albumentations Normalize (mean, std, max_pixel_value) only. Use pipeline-free inference on "
-            "images you normalise yourself, with train_seg.evaluation.inference.infer_logits."
-        )
-    mean, std = spec.get("mean", _DEFAULT_MEAN), spec.get("std", _DEFAULT_STD)
-    mean, std = ([float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v] for v in (mean, std))
-    return tuple(mean), tuple(std), float(spec.get("max_pixel_value", _DEFAULT_MAX_PIXEL))
-
-
-def checkpoint_meta(state: Mapping[str, Any], path: Path | None = None) -> CheckpointMeta:
-    config = dict(state.get("config") or {})
-    dataset, model_cfg = config.get("dataset") or {}, config.get("model") or {}
-    mean, std, max_pixel = val_normalization(dataset, str(path or "the checkpoint"))
-    return CheckpointMeta(
-        class_names=[str(n) for n in state["class_names"]],
-        palette=[[int(c) for c in colour] for colour in state.get("palette") or []],
-        mean=mean, std=std, max_pixel_value=max_pixel, ignore_index=int(dataset.get("ignore_index", 255)),
-        binary_head=bool(model_cfg.get("binary_head", False)), arch=str(model_cfg.get("arch", "unknown")),
-        config=config, path=path, epoch=_int_or_none(state.get("epoch")), step=_int_or_none(state.get("global_step")),
-    )
-
-
-def _int_or_none(value) -> int | None:
-    return None if value is None else int(value)
-
-
-def build_checkpoint_model(state: Mapping[str, Any], meta: CheckpointMeta) -> nn.Module:
-    """The model of the checkpoint's config with the checkpoint's weights (strict), on the CPU, in eval mode."""
-    from train_seg.models import build_model
-    spec = dict(meta.config.get("model") or {})
-    spec.setdefault("_target_", "train_seg.models.build_deeplabv3")
-    spec.update({key: None for key in ("weights", "weights_backbone") if key in spec})  # all weights are in the file
-    try:
-        model = build_model(spec, num_classes=meta.num_classes)
-    except ValueError as exc:
-        raise CheckpointError(f"{meta.path}: the model its config describes cannot be built: {exc}") from exc
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        head = "a binary head" if meta.binary_head else f"{meta.num_classes} classes"
-        raise CheckpointError(
-            f"{meta.path}: its weights do not fit the model its config describes (arch {meta.arch}, {head}): the "
-            "file was edited, or written by another version of the model code. "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-        ) from exc
-    return model.eval()
-
-
-def open_checkpoint(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta, dict]:
-    """``load_checkpoint_model`` that also returns the checkpoint's full content (class weights, history...)."""
-    path = resolve_checkpoint_path(spec)
-    state = read_checkpoint(path)
-    meta = checkpoint_meta(state, path)
-    model = build_checkpoint_model(state, meta).to(torch.device(device))
-    return model, meta, state
-
-
-def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
-    """``(model in eval mode on device, CheckpointMeta)`` from a checkpoint file or a run directory (its best.pt,
-    else its last.pt). Raises ``CheckpointError`` (one paragraph) for a missing path, a file that is truncated or
-    not a checkpoint, and weights that do not fit the model."""
-    model, meta, _ = open_checkpoint(path, device)
-    return model, meta
 
 
 # -- numpy images to model input -------------------------------------------------------------------------------
@@ -413,7 +257,7 @@ def infer_logits(model: nn.Module, images: torch.Tensor, device: str | torch.dev
     """The one entry point of the command lines: float32 logits ``(N, K, H, W)`` at the input size of normalised
     ``images``, ``mode`` ``whole`` (one forward pass) or ``slide`` (``slide_logits``; ``stride`` None = ``window *
     (1 - overlap)``), with test-time augmentation when ``flip`` or ``scales`` != (1.0,) (``tta_logits``). The model
-    must be in eval mode (``load_checkpoint_model`` returns it so)."""
+    must be in eval mode (``train_seg.checkpoint.load_checkpoint_model`` returns it so)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}.")
     stride = slide_stride(window, stride, overlap) if mode == "slide" else stride
