@@ -1,4 +1,4 @@
-"""The imbalance figures (train_seg.reporting.figures): drawn without raising for every awkward input (failed jobs, absent
+"""The imbalance figures (train_seg.reporting.plots): drawn without raising for every awkward input (failed jobs, absent
 classes, never-predicted classes, zero-share classes, a single job, no class at all), the data actually plotted,
 readable text, and summary.png of a seeded sweep."""
 import math
@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from matplotlib.text import Text
 
-from train_seg.reporting.figures import imbalance_figure, per_class_figure, plotted_shares, stack_figures
-from train_seg.reporting.visualize import figure_to_array
+from train_seg.reporting.plots import figure_to_array, imbalance_figure, per_class_figure, plotted_shares, stack_figures
 
 NAMES = ["background", "lake", "road", "car"]
 SHARES = [0.8813, 0.0798, 0.0352, 0.0038]
