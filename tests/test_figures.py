@@ -1,4 +1,4 @@
-"""The imbalance figures (train_seg.reporting.figures): drawn without raising for every awkward input (failed jobs, absent
+"""The imbalance figures (train_seg.reporting.plots): drawn without raising for every awkward input (failed jobs, absent
 classes, never-predicted classes, zero-share classes, a single job, no class at all), the data actually plotted,
 readable text, and summary.png of a seeded sweep."""
 import math
@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from matplotlib.text import Text
 
-from train_seg.reporting.figures import imbalance_figure, per_class_figure, plotted_shares, stack_figures
-from train_seg.reporting.visualize import figure_to_array
+from train_seg.reporting.plots import figure_to_array, imbalance_figure, per_class_figure, plotted_shares, stack_figures
 
 NAMES = ["background", "lake", "road", "car"]
 SHARES = [0.8813, 0.0798, 0.0352, 0.0038]
@@ -104,6 +103,20 @@ def test_degenerate_shapes_draw(num_groups, num_classes):
     figure = imbalance_figure(names, shares, [f"job {g}" for g in range(num_groups)], values, values, values,
                               miou=[0.5] * num_groups, rare_miou=[math.nan] * num_groups, rare_share=0.01)
     assert figure_to_array(figure).size > 0
+
+
+def test_grouped_bars_one_bar_per_series_and_error_bars_only_where_std_is_known():
+    from train_seg.reporting.plots import grouped_bars, new_figure, series_colors
+
+    ax = new_figure(4, 3).add_subplot()
+    values = np.array([[0.5, math.nan, 0.0], [0.2, 0.4, 0.6]])
+    std = np.array([[0.1, 0.1, math.nan], [math.nan, math.nan, math.nan]])
+    positions = grouped_bars(ax, values, series_colors(2), std=std, notes="gaps", nan_text="n/a")
+    np.testing.assert_allclose(positions, [[-0.2, 0.8, 1.8], [0.2, 1.2, 2.2]])
+    assert [p.get_height() for p in ax.patches] == [0.5, 0.0, 0.0, 0.2, 0.4, 0.6]
+    assert [t.get_text() for t in ax.texts] == ["n/a", "0"]  # only the bars nobody can see
+    segments = [s for c in ax.collections for s in c.get_segments() if len(s)]
+    assert [s[0, 0] for s in segments] == pytest.approx([-0.2, 0.8])  # a NaN std, or none in a series: no error bar
 
 
 def test_stack_figures_pads_to_the_widest():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_seg.reporting import visualize
+from train_seg.reporting import overlays, plots
 from train_seg.reporting.record import mark_failed
 from train_seg.reporting.sinks.tensorboard import (
     TensorBoardLogger,
@@ -41,35 +41,35 @@ def _hparams_content(acc) -> dict:
 # -- confusion matrix ------------------------------------------------------------------------------------------
 def test_row_normalize_rows_sum_to_one_and_absent_row_is_nan():
     confusion = np.array([[3, 1, 0], [0, 0, 0], [2, 2, 4]])
-    matrix = visualize.row_normalize(confusion)
+    matrix = plots.row_normalize(confusion)
     assert np.allclose(matrix[0], [0.75, 0.25, 0.0]) and np.allclose(matrix[2], [0.25, 0.25, 0.5])
     assert np.isnan(matrix[1]).all()  # class absent from the target: empty row, not zeros
 
 
 def test_confusion_figure_has_class_names_values_and_absent_marker():
-    figure = visualize.confusion_figure(np.array([[3, 1, 0], [0, 0, 0], [2, 2, 4]]), ["sky", "cat", "dog"], "epoch 3")
+    figure = plots.confusion_figure(np.array([[3, 1, 0], [0, 0, 0], [2, 2, 4]]), ["sky", "cat", "dog"], "epoch 3")
     ax = figure.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["sky", "cat", "dog"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["sky", "cat (absent)", "dog"]
     cells = sorted(t.get_text() for t in ax.texts)
     assert cells == sorted(["0.75", "0.25", "0.00", "0.25", "0.25", "0.50"])  # no numbers in the absent row
     assert ax.get_title().startswith("epoch 3")
-    image = visualize.figure_to_array(figure)
+    image = plots.figure_to_array(figure)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
 
 
 # -- overlays --------------------------------------------------------------------------------------------------
 def test_colorize_uses_palette_and_neutral_ignore():
     palette = [(0, 0, 0), (255, 0, 0)]
-    rgb = visualize.colorize(np.array([[0, 1], [255, 7]]), palette, ignore_index=255)
+    rgb = overlays.colorize(np.array([[0, 1], [255, 7]]), palette, ignore_index=255)
     assert rgb[0, 1].tolist() == [255, 0, 0] and rgb[0, 0].tolist() == [0, 0, 0]
-    assert rgb[1, 0].tolist() == list(visualize.IGNORE_COLOR) == rgb[1, 1].tolist()
+    assert rgb[1, 0].tolist() == list(overlays.IGNORE_COLOR) == rgb[1, 1].tolist()
 
 
 def test_display_image_undoes_normalisation_up_to_contrast():
     raw = np.random.default_rng(0).uniform(0.2, 0.8, size=(3, 16, 16)).astype(np.float32)
     normalised = (raw - 0.5) / 0.25
-    shown = visualize.display_image(torch.from_numpy(normalised))
+    shown = overlays.display_image(torch.from_numpy(normalised))
     assert shown.shape == (16, 16, 3) and shown.dtype == np.uint8
     for channel in range(3):  # monotone per channel: brighter raw pixels are never shown darker
         order = np.argsort(raw[channel].ravel())
@@ -86,8 +86,8 @@ def test_overlay_choice_is_deterministic_and_at_least_half_rare(count):
     presence[rng.choice(20, 6, replace=False), 2] = True
     presence[[3, 11, 17], 3] = True  # the rarest class is in three images
     share = [0.8, 0.15, 0.04, 0.01]
-    picks = visualize.select_overlay_indices(presence, share, count)
-    assert picks == visualize.select_overlay_indices(presence, share, count)
+    picks = overlays.select_overlay_indices(presence, share, count)
+    assert picks == overlays.select_overlay_indices(presence, share, count)
     assert len(picks) == len(set(picks)) == count
     with_rare = sum(presence[i, 3] for i in picks)
     assert with_rare >= min(3, math.ceil(count / 2))
@@ -97,9 +97,9 @@ def test_overlay_choice_is_deterministic_and_at_least_half_rare(count):
 
 def test_overlay_choice_edge_cases():
     presence = np.array([[True, False], [True, False]])
-    assert visualize.select_overlay_indices(presence, [0.9, 0.1], 0) == []
-    assert sorted(visualize.select_overlay_indices(presence, [0.9, 0.1], 5)) == [0, 1]  # class 1 absent from val
-    assert visualize.select_overlay_indices(np.zeros((0, 2), dtype=bool), [0.5, 0.5], 3) == []
+    assert overlays.select_overlay_indices(presence, [0.9, 0.1], 0) == []
+    assert sorted(overlays.select_overlay_indices(presence, [0.9, 0.1], 5)) == [0, 1]  # class 1 absent from val
+    assert overlays.select_overlay_indices(np.zeros((0, 2), dtype=bool), [0.5, 0.5], 3) == []
 
 
 # -- hparams and layout ----------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_tensorboard_logger_keeps_everything_in_the_run_folder(tmp_path):
     tb.log_hparams({"weighting.scheme": "inverse", "optimizer.lr": 0.02}, hparam_metric_tags(CLASSES, "val/mIoU"))
     tb.log_scalars({"val/mIoU": 0.5, "val/IoU/car": math.nan}, step=4)
     tb.log_best({"metric": "val/mIoU", "value": 0.5, "epoch": 2}, step=4)
-    tb.log_figure("val/confusion", visualize.confusion_figure(np.eye(4), CLASSES), step=4)
+    tb.log_figure("val/confusion", plots.confusion_figure(np.eye(4), CLASSES), step=4)
     tb.close()
     assert [p for p in tmp_path.iterdir() if p.is_dir()] == []  # no sub-run (add_hparams would make one)
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1

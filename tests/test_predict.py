@@ -19,7 +19,8 @@ from conftest import ROOT, cli_env
 from test_inference import ConvModel, loaded, run_dir  # noqa: F401  (module fixtures: the tiny trained run)
 from train_seg import checkpoint
 from train_seg.evaluation.inference import predict
-from train_seg.cli.predict import class_palette, default_palette, main, output_stems
+from train_seg.cli.predict import main, output_stems
+from train_seg.reporting.overlays import class_palette, default_palette
 
 CLASSES = ["background", "lake", "road", "car"]
 

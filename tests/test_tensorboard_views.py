@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import cli_env
-from train_seg.reporting import visualize
+from train_seg.reporting import overlays, plots
 from train_seg.reporting.events import eval_scalars
 from train_seg.evaluation.metrics import metrics_from_confusion
 from train_seg.reporting.sinks.tensorboard import (
@@ -338,14 +338,14 @@ def test_source_view_is_the_uint8_image_with_the_val_geometry():
                            A.Normalize(mean=[0.5] * 3, std=[0.25] * 3), ToTensorV2()])
     dataset = SegmentationDataset(_Source(image, mask), transform)
     _, item_mask = dataset[0]
-    view = visualize.source_view(dataset, 0, item_mask.shape)
+    view = overlays.source_view(dataset, 0, item_mask.shape)
     assert view.dtype == np.uint8 and view.shape == (32, 32, 3)
     inside = item_mask.numpy() != 255
     assert inside.sum() == image.shape[0] * image.shape[1]
     assert np.array_equal(np.sort(view[inside].ravel()), np.sort(image.ravel()))  # the pixels, not a stretch
     assert (view[~inside] == 0).all()  # the padding, as the pipeline pads
     other = SegmentationDataset(_Source(image, mask), lambda image, mask: {"image": image[:10], "mask": mask[:10]})
-    assert visualize.source_view(other, 0, (10, 30)).shape == (10, 30, 3)  # not albumentations: resized to the mask
+    assert overlays.source_view(other, 0, (10, 30)).shape == (10, 30, 3)  # not albumentations: resized to the mask
 
 
 def test_overlay_fill_images_show_more_than_the_background():
@@ -353,25 +353,25 @@ def test_overlay_fill_images_show_more_than_the_background():
     presence[:, 0] = True
     presence[[1, 4, 7], 1] = True
     presence[[2], 2] = True
-    picks = visualize.select_overlay_indices(presence, [0.9, 0.09, 0.01], 4)
+    picks = overlays.select_overlay_indices(presence, [0.9, 0.09, 0.01], 4)
     assert picks[0] == 2 and set(picks[1:]) == {1, 4, 7}
 
 
 def test_overlay_text_is_large_horizontal_and_the_legend_is_on_top():
     masks = [np.array([[0, 1], [2, 0]]), np.array([[0, 0], [0, 3]])]
-    figure = visualize.overlay_figure([np.zeros((2, 2, 3), np.uint8)] * 2, masks, [np.zeros((2, 2), int)] * 2,
+    figure = overlays.overlay_figure([np.zeros((2, 2, 3), np.uint8)] * 2, masks, [np.zeros((2, 2), int)] * 2,
                                       [(0, 0, 0), (0, 0, 255), (255, 128, 0), (255, 0, 0)], CLASSES,
                                       captions=["val #3", "val #8"], title="epoch 2")
     from matplotlib.text import Text
 
-    visualize.figure_to_array(figure)
+    plots.figure_to_array(figure)
     texts = [t for t in figure.findobj(Text) if t.get_text()]
     assert {t.get_text() for t in texts} >= {
         "val #3 · truth: background, lake, road\npredicted: background · missed: lake, road",
         "val #8 · truth: background, car\npredicted: background · missed: car"}
     # 17 px at actual size, about 12 px in a TensorBoard image card (which shrinks the 500 px figure to ~350 px)
     assert all(t.get_fontsize() >= 12 and t.get_rotation() == 0 for t in texts)
-    assert visualize.figure_to_array(figure).shape[1] <= 520
+    assert plots.figure_to_array(figure).shape[1] <= 520
     (legend,) = [legend for sub in figure.subfigs for legend in sub.legends]
     assert [t.get_text() for t in legend.get_texts()] == CLASSES  # the classes shown, no unused ignore entry
     assert all(t.get_fontsize() >= 12 for t in legend.get_texts())

@@ -300,7 +300,7 @@ def write_confusion_csv(handle, confusion, class_names: Sequence[str]) -> None:
 
 def write_outputs(output_dir: Path, payload: record.RunRecord, result: EvalResult, title: str) -> None:
     """confusion.csv, confusion.png, then metrics.json (last: its presence means the evaluation is complete)."""
-    from train_seg.reporting.visualize import confusion_figure
+    from train_seg.reporting.plots import confusion_figure
 
     atomic_write(output_dir / CONFUSION_CSV, lambda handle: write_confusion_csv(handle, result.confusion,
                                                                                 result.class_names))

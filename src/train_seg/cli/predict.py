@@ -409,48 +409,6 @@ def read_image(path: Path) -> np.ndarray:
 
 
 # -- outputs ----------------------------------------------------------------------------------------------------
-def default_palette(count: int) -> list[list[int]]:
-    """The PASCAL VOC colour map (bits of the index spread over R, G, B): distinct colours for any class count."""
-    from train_seg.data.voc import voc_colormap
-
-    return [list(colour) for colour in voc_colormap(count)]
-
-
-def class_palette(palette: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
-    """``(K, 3)`` uint8: the checkpoint's colours, the default colour map for classes it has none for."""
-    colours = [list(c)[:3] for c in palette][:num_classes]
-    colours += default_palette(num_classes)[len(colours):]
-    return np.asarray(colours, dtype=np.uint8).reshape(num_classes, 3)
-
-
-def mask_png(mask: np.ndarray, colours: np.ndarray):
-    """A palette PNG image (mode ``P``, the class colours) of the class indices; 16-bit grey above 256 classes."""
-    from PIL import Image
-
-    if len(colours) > 256:
-        return Image.fromarray(mask.astype(np.uint16))
-    image = Image.fromarray(mask.astype(np.uint8))  # mode L; putpalette makes it P with exactly these colours
-    image.putpalette(colours.reshape(-1).tolist())
-    return image
-
-
-def display_rgb(image: np.ndarray) -> np.ndarray:
-    """``(H, W, 3)`` uint8: the image as the model sees it, before normalisation (grey repeated, alpha dropped,
-    16-bit scaled to 8, float [0, 1] scaled to 255)."""
-    from train_seg.evaluation.inference import as_rgb
-
-    rgb = as_rgb(image)
-    return rgb if rgb.dtype == np.uint8 else np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
-    """``(1 - alpha) * image + alpha * colour of the pixel's class``, rounded, uint8 ``(H, W, 3)``."""
-    blended = display_rgb(image).astype(np.float32)
-    blended *= np.float32(1.0 - alpha)
-    blended += np.float32(alpha) * colours[mask].astype(np.float32)
-    return np.rint(blended, out=blended).astype(np.uint8)
-
-
 def write_file(path: Path, write: Callable) -> Path:
     """``train_seg.atomic.atomic_write`` (binary; the file gets the mode a plain ``open`` would give)."""
     from train_seg.atomic import atomic_write
@@ -463,8 +421,10 @@ def write_outputs(job: Job, image: np.ndarray, mask: np.ndarray, probabilities: 
     """The job's files, each written atomically (temp file + rename)."""
     from PIL import Image
 
-    write_file(job.mask, lambda f: mask_png(mask, colours).save(f, format="PNG"))
-    picture = Image.fromarray(overlay(image, mask, colours, alpha))
+    from train_seg.reporting.overlays import blend, palette_png
+
+    write_file(job.mask, lambda f: palette_png(mask, colours).save(f, format="PNG"))
+    picture = Image.fromarray(blend(image, mask, colours, alpha))
     write_file(job.overlay, lambda f: picture.save(f, format="PNG"))
     if job.probs is not None:
         write_file(job.probs, lambda f: np.save(f, probabilities.astype(np.float16)))
@@ -538,6 +498,8 @@ def predict_one(job: Job, predictor: Predictor, colours: np.ndarray, alpha: floa
 def run_jobs(jobs: Sequence[Job], predictor: Predictor, options: Options) -> list[tuple[Path, str]]:
     """Every job, with a progress bar; failures are reported on stderr as they happen and returned."""
     from tqdm import tqdm  # not tqdm.auto (as evaluate.py)
+
+    from train_seg.reporting.overlays import class_palette
 
     meta = predictor.meta
     colours = class_palette(meta.palette, meta.num_classes)

@@ -637,15 +637,14 @@ def summary_figures(summary: SweepSummary) -> list:
     """The two figures of summary.png, in the same colours.
 
     1. per configuration, IoU against training pixel share beside recall and precision
-       (``train_seg.reporting.figures.imbalance_figure``: mean ± std over the completed jobs, marks against the baseline);
-    2. the per-class IoU bars (``train_seg.reporting.visualize.summary_figure``): the values printed, classes evenly spaced
+       (``train_seg.reporting.plots.imbalance_figure``: mean ± std over the completed jobs, marks against the baseline);
+    2. the per-class IoU bars (``train_seg.reporting.plots.summary_figure``): the values printed, classes evenly spaced
        however close their shares are (the log-share axis of 1. crowds them). One bar per job when no configuration
        repeats (a failed job shows its last evaluation), else one per configuration (the means: per-job bars would
        not match the colours above, and the per-job values are in summary.md and summary.csv)."""
     import numpy as np
 
-    from train_seg.reporting.figures import imbalance_figure
-    from train_seg.reporting.visualize import summary_figure
+    from train_seg.reporting.plots import imbalance_figure, summary_figure
 
     classes, groups = summary.classes, summary.groups
 
@@ -687,7 +686,7 @@ def summary_png(summary: SweepSummary, path: Path) -> None:
     """summary.png: the two ``summary_figures`` one above the other."""
     from matplotlib.image import imsave
 
-    from train_seg.reporting.figures import stack_figures
+    from train_seg.reporting.plots import stack_figures
 
     image = stack_figures(summary_figures(summary))
     atomic_write(path, lambda handle: imsave(handle, image, format="png"), binary=True)

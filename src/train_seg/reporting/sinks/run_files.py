@@ -9,7 +9,7 @@ from train_seg.reporting import record
 from train_seg.atomic import atomic_write, link_or_copy
 from train_seg.checkpoint import save_checkpoint
 from train_seg.reporting.events import Checkpoint, EpochEnd, EvalResult, Sink
-from train_seg.reporting.sinks._figures import per_class_figure
+from train_seg.reporting.plots import result_figure
 
 PER_CLASS_PNG = "per_class.png"
 
@@ -42,7 +42,7 @@ class RunFilesSink(Sink):
 
     def on_train_end(self, run) -> None:
         if self.last_result is not None:
-            figure = per_class_figure(self.last_result, float(run.config["rare_share"]))
+            figure = result_figure(self.last_result, float(run.config["rare_share"]))
             atomic_write(run.run_dir / PER_CLASS_PNG, lambda handle: figure.savefig(handle, format="png"), binary=True)
         record.write(run.run_dir, run.record("completed", self.final))
 

@@ -353,9 +353,9 @@ class TensorBoardLogger:
             self.log_scalars({f"best/{best['metric']}": best["value"], "best/epoch": float(best["epoch"])}, step)
 
     def log_figure(self, tag: str, figure, step: int) -> None:
-        """A matplotlib ``Figure`` as an image (rendered on the Agg canvas, see ``train_seg.reporting.visualize``)."""
+        """A matplotlib ``Figure`` as an image (rendered by ``train_seg.reporting.plots.figure_to_array``)."""
         if self.writer is not None:
-            from train_seg.reporting.visualize import figure_to_array
+            from train_seg.reporting.plots import figure_to_array
 
             self.writer.add_image(tag, figure_to_array(figure), step, dataformats="HWC")
 
@@ -394,7 +394,7 @@ class TensorBoardSink(Sink):
     def on_train_start(self, run) -> None:
         import yaml
 
-        from train_seg.reporting.visualize import OverlaySet, select_overlay_indices
+        from train_seg.reporting.overlays import OverlaySet, select_overlay_indices
         from train_seg.losses.weighting import format_weight_table
 
         self.run = run
@@ -423,7 +423,7 @@ class TensorBoardSink(Sink):
         self.tb.log_scalars(log.scalars, log.step)
 
     def on_eval(self, result: EvalResult) -> None:
-        from train_seg.reporting.visualize import confusion_figure
+        from train_seg.reporting.plots import confusion_figure
 
         self.last_result = result
         self.tb.log_scalars(result.scalars, result.step)
@@ -454,9 +454,9 @@ class TensorBoardSink(Sink):
 
     def on_train_end(self, run) -> None:
         if self.last_result is not None:
-            from train_seg.reporting.sinks._figures import per_class_figure
+            from train_seg.reporting.plots import result_figure
 
-            figure = per_class_figure(self.last_result, float(run.config["rare_share"]))
+            figure = result_figure(self.last_result, float(run.config["rare_share"]))
             self.tb.log_figure("val/per_class", figure, self.last_result.step)
         self.tb.log_session_end(success=True)
         self.tb.close()

@@ -1,21 +1,13 @@
-"""The picture of class imbalance: what each configuration did to each class, against how rare the class is.
+"""Every chart train_seg draws: the canvas (``new_figure``, ``figure_to_array``, ``stack_figures``), one colour per
+series (``series_colors``), ONE grouped-bar helper (``grouped_bars``) behind every bar chart, the row-normalised
+confusion matrix, the class-imbalance figures (``imbalance_figure``: per-class IoU against training pixel share
+beside recall and precision bars, and mIoU / rare mIoU; ``per_class_figure`` for one run, ``result_figure`` for one
+``EvalResult``) and the sweep summary's per-class IoU bars (``summary_figure``).
 
-``imbalance_figure`` (the sweep summary's ``summary.png``, one series per configuration) and ``per_class_figure``
-(one run, e.g. at the end of training) draw the same panels:
-
-* **IoU against the class's training pixel share**, log x axis: one marker series per configuration, error bars
-  (std over seeds) when given. Class names along the top axis, rare classes (share below ``rare_share``) in red on
-  a shaded band. A class with no training pixel (share 0, or unknown) cannot sit on a log axis: it is drawn at a
-  floor left of the smallest share, with a dotted line and ``(0%)`` / ``(share ?)`` after its name.
-* **Recall and precision per class** (bars, classes by decreasing share, error bars when given): recall =
-  TP / (TP + FN) is low when the class's pixels are missed, precision = TP / (TP + FP) is low when other pixels are
-  labelled as the class (false alarms). Together they tell why a rare class's IoU is low. A NaN recall (no pixel of
-  the class in the validation split) is written ``n/a``; a NaN precision (the class was never predicted) ``no pred``.
-* optionally, **mIoU and rare mIoU** per configuration, with error bars and a short mark each (e.g. ``▲``).
-
-NaN anywhere (failed job, absent class, never-predicted class) leaves a gap, never raises. Same drawing conventions
-as ``train_seg.reporting.visualize``: matplotlib's object API on the Agg canvas, no pyplot, no torch. Every text is >= 8 pt at
-the figure's own size (dpi 100).
+Inputs are numpy-compatible arrays; NaN (failed job, absent class, never-predicted class) leaves a gap and never
+raises. Drawn with matplotlib's object API on the Agg canvas (never ``pyplot``: no display, no global figure
+registry, safe in Hydra jobs and DataLoader workers); no torch import. Text is at least ``FONT`` pt in the imbalance
+figures. Image panels (palette, overlays) are in ``train_seg.reporting.overlays``.
 """
 from __future__ import annotations
 
@@ -23,21 +15,135 @@ import math
 from typing import Sequence
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
-from train_seg.reporting.visualize import _job_colors, figure_to_array, new_figure
+__all__ = ["new_figure", "figure_to_array", "stack_figures", "series_colors", "grouped_bars", "row_normalize",
+           "confusion_figure", "imbalance_figure", "per_class_figure", "result_figure", "plotted_shares",
+           "summary_figure"]
 
-__all__ = ["imbalance_figure", "per_class_figure", "stack_figures", "plotted_shares"]
-
-FONT = 8  # pt: the smallest text in these figures
+FONT = 8  # pt: the smallest text in the imbalance figures
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
 # Class names on the IoU-vs-share axis and per-bar notes are dropped above these sizes (they would overlap).
 MAX_NAMED_CLASSES = 40
 MAX_BAR_NOTES = 64
+# Above this many classes the confusion matrix gets no per-cell numbers (unreadable), above MAX_TICK_CLASSES no names.
+MAX_ANNOTATED_CLASSES = 20
+MAX_TICK_CLASSES = 60
+ERROR_KW = {"elinewidth": 0.8, "capsize": 2}
 
 
+# -- canvas and colours ----------------------------------------------------------------------------------------
+def new_figure(width: float, height: float, dpi: int = 100, layout: str | None = None) -> Figure:
+    """A ``width`` x ``height`` inch figure on its own Agg canvas (``layout``: matplotlib's, e.g. ``"constrained"``)."""
+    figure = Figure(figsize=(width, height), dpi=dpi, layout=layout)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def figure_to_array(figure: Figure) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB rendering of a figure."""
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def stack_figures(figures: Sequence[Figure]) -> np.ndarray:
+    """The figures rendered (at their own dpi) and stacked top to bottom into one ``(H, W, 3)`` uint8 image, each
+    left-aligned on white."""
+    arrays = [figure_to_array(figure) for figure in figures]
+    width = max(array.shape[1] for array in arrays)
+    padded = []
+    for array in arrays:
+        pad = np.full((array.shape[0], width - array.shape[1], 3), 255, dtype=np.uint8)
+        padded.append(np.concatenate([array, pad], axis=1))
+    return np.concatenate(padded, axis=0)
+
+
+def series_colors(count: int) -> list:
+    """``count`` RGBA colours, one per series (job, configuration): tab10, tab20 above ten (cycled beyond)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(count)]
+
+
+# -- grouped bars ----------------------------------------------------------------------------------------------
+def grouped_bars(ax, values, colors: Sequence, *, std=None, labels: Sequence[str] | None = None,
+                 notes: str | None = None, nan_text: str = "n/a") -> np.ndarray:
+    """One bar per series side by side in each slot: ``values`` ``(S, N)`` (S series in ``colors``, N slots at
+    x = 0..N-1; NaN: no bar). ``std`` ``(S, N)``: error bars where finite. ``labels``: the series' legend labels.
+    ``notes``: ``"values"`` prints every value above its bar (``nan_text`` for NaN); ``"gaps"`` marks only the bars
+    that cannot be seen (``nan_text`` for NaN, ``0``); None: no text. Returns the bars' x positions ``(S, N)``."""
+    values = np.asarray(values, dtype=np.float64)
+    num_series, num_slots = values.shape
+    std = np.full(values.shape, np.nan) if std is None else np.asarray(std, dtype=np.float64).reshape(values.shape)
+    bar = 0.8 / max(num_series, 1)
+    positions = np.arange(num_slots) - 0.4 + bar * (np.arange(num_series)[:, None] + 0.5)
+    for s in range(num_series):
+        kwargs = {} if labels is None else {"label": labels[s]}
+        err = std[s] if np.isfinite(std[s]).any() else None
+        ax.bar(positions[s], np.nan_to_num(values[s], nan=0.0), width=bar, color=colors[s], yerr=err,
+               error_kw=ERROR_KW, **kwargs)
+        for pos, value in zip(positions[s], values[s]):
+            if notes == "values":
+                ax.text(pos, (0 if math.isnan(value) else value) + 0.01, nan_text if math.isnan(value) else
+                        f"{value:.2f}", ha="center", va="bottom", fontsize=7, rotation=90)
+            elif notes == "gaps" and (math.isnan(value) or value == 0):  # a bar nobody can see: say why
+                ax.text(pos, 0.02, nan_text if math.isnan(value) else "0", ha="center", va="bottom", rotation=90,
+                        fontsize=FONT, color="0.3")
+    return positions
+
+
+def _mark_rare_ticks(labels, rare: Sequence[bool]) -> None:
+    """Tick labels of rare classes in red."""
+    for tick, is_rare in zip(labels, rare):
+        if is_rare:
+            tick.set_color("tab:red")
+
+
+# -- confusion matrix ------------------------------------------------------------------------------------------
+def row_normalize(confusion) -> np.ndarray:
+    """``(K, K)`` float64: each true-class row divided by its sum, so row ``t`` holds where pixels of class ``t``
+    went (the diagonal is the recall). A row with no pixels (class absent from the target) is all NaN."""
+    counts = np.asarray(confusion, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, counts / np.where(totals > 0, totals, 1), np.nan)
+
+
+def confusion_figure(confusion, class_names: Sequence[str], title: str | None = None) -> Figure:
+    """Row-normalised confusion matrix (rows: ground truth, columns: prediction) with class names on both axes and
+    the fraction printed in each cell (up to ``MAX_ANNOTATED_CLASSES`` classes). An absent class's row is left
+    empty and its name marked ``(absent)``. ``title`` (e.g. ``"epoch 3"``) prefixes the figure's title."""
+    matrix = row_normalize(confusion)
+    k = len(class_names)
+    side = min(24.0, max(4.5, 0.55 * k + 2.5))
+    figure = new_figure(side + 1.0, side)
+    ax = figure.add_subplot(1, 1, 1)
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's pixels")
+    absent = np.isnan(matrix).all(axis=1)
+    if k <= MAX_TICK_CLASSES:
+        ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(k), labels=[f"{n} (absent)" if a else n for n, a in zip(class_names, absent)])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if k <= MAX_ANNOTATED_CLASSES:
+        for t in range(k):
+            for p in range(k):
+                value = matrix[t, p]
+                if not math.isnan(value):
+                    ax.text(p, t, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if value > 0.55 else "black")
+    ax.set_title(f"{title + ': ' if title else ''}rows normalised (diagonal = recall)")
+    figure.tight_layout()
+    return figure
+
+
+# -- class imbalance figures ---------------------------------------------------------------------------------
 def _array(values, shape: tuple[int, ...]) -> np.ndarray:
     if values is None:
         return np.full(shape, np.nan)
@@ -87,7 +193,7 @@ def imbalance_figure(class_names: Sequence[str], pixel_share: Sequence[float], l
     figure, grid = _imbalance_grid(num_classes, num_groups, with_means, legend_in, title)
     ax_iou = _panel(figure, grid[:, 0], "iou_vs_share")
     ax_recall, ax_precision = _panel(figure, grid[0, 1], "recall"), _panel(figure, grid[1, 1], "precision")
-    colors = _job_colors(num_groups)
+    colors = series_colors(num_groups)
 
     _draw_iou_vs_share(figure, ax_iou, names, share, rare, rare_share, iou, iou_std, colors)
     _draw_recall_precision(ax_recall, ax_precision, names, share, rare, recall, recall_std, precision, precision_std,
@@ -116,16 +222,13 @@ def per_class_figure(class_names: Sequence[str], pixel_share: Sequence[float], i
                             title=title, legend=False)
 
 
-def stack_figures(figures: Sequence[Figure]) -> np.ndarray:
-    """The figures rendered (at their own dpi) and stacked top to bottom into one ``(H, W, 3)`` uint8 image, each
-    left-aligned on white."""
-    arrays = [figure_to_array(figure) for figure in figures]
-    width = max(array.shape[1] for array in arrays)
-    padded = []
-    for array in arrays:
-        pad = np.full((array.shape[0], width - array.shape[1], 3), 255, dtype=np.uint8)
-        padded.append(np.concatenate([array, pad], axis=1))
-    return np.concatenate(padded, axis=0)
+def result_figure(result, rare_share: float) -> Figure:
+    """``per_class_figure`` of one evaluation (a ``train_seg.reporting.events.EvalResult``: its class names,
+    training pixel shares and metrics), titled with its epoch and step."""
+    metrics = result.metrics
+    return per_class_figure(result.class_names, result.pixel_share, metrics["iou"].tolist(),
+                            metrics["precision"].tolist(), metrics["recall"].tolist(),
+                            title=f"epoch {result.epoch}, step {result.step}", rare_share=rare_share)
 
 
 # -- layout ----------------------------------------------------------------------------------------------------
@@ -259,9 +362,7 @@ def _name_classes_on_top(ax, names, share, rare, x, clipped, left: float) -> int
     top.set_xticks(positions, labels=[", ".join(text[c] for c in members) for members in groups],
                    rotation=40, ha="left", rotation_mode="anchor", fontsize=FONT)
     top.tick_params(axis="x", which="minor", top=False)
-    for tick, members in zip(top.get_xticklabels(), groups):
-        if any(rare[c] for c in members):
-            tick.set_color("tab:red")
+    _mark_rare_ticks(top.get_xticklabels(), [any(rare[c] for c in members) for members in groups])
     return len(names) - sum(len(members) for members in groups)
 
 
@@ -294,53 +395,78 @@ def _draw_recall_precision(ax_recall, ax_precision, names, share, rare, recall, 
 
 
 def _draw_bars(ax, names, rare, values, std, colors, ylabel, nan_note, title) -> None:
+    """One bar panel of the imbalance figure: ``values`` / ``std`` ``(G, K)``, classes named below (rare in red)."""
     num_groups, num_classes = values.shape
-    bar = 0.8 / max(num_groups, 1)
-    x = np.arange(num_classes)
-    notes = num_groups * num_classes <= MAX_BAR_NOTES
-    for g in range(num_groups):
-        positions = x - 0.4 + bar * (g + 0.5)
-        heights = values[g]
-        err = np.where(np.isfinite(std[g]), std[g], 0.0) if np.isfinite(std[g]).any() else None
-        ax.bar(positions, np.nan_to_num(heights, nan=0.0), width=bar, color=colors[g], yerr=err,
-               error_kw={"elinewidth": 0.8, "capsize": 2})
-        if notes:
-            for pos, value in zip(positions, heights):
-                if math.isnan(value) or value == 0:  # a zero bar is invisible: say it
-                    ax.text(pos, 0.02, nan_note if math.isnan(value) else "0", ha="center", va="bottom",
-                            rotation=90, fontsize=FONT, color="0.3")
+    grouped_bars(ax, values, colors, std=std, notes="gaps" if num_groups * num_classes <= MAX_BAR_NOTES else None,
+                 nan_text=nan_note)
     ax.set_ylim(0, 1.05)
     ax.set_xlim(-0.5, max(num_classes, 1) - 0.5)
     ax.set_ylabel(ylabel, fontsize=FONT + 1)
     ax.set_title(title, fontsize=FONT + 1, loc="left")
     ax.grid(axis="y", alpha=0.3)
     ax.tick_params(labelsize=FONT)
-    ax.set_xticks(x, labels=names, rotation=30 if num_classes > 6 else 0, ha="right" if num_classes > 6 else "center",
-                  fontsize=FONT)
-    for tick, is_rare in zip(ax.get_xticklabels(), rare):
-        if is_rare:
-            tick.set_color("tab:red")
+    ax.set_xticks(np.arange(num_classes), labels=names, rotation=30 if num_classes > 6 else 0,
+                  ha="right" if num_classes > 6 else "center", fontsize=FONT)
+    _mark_rare_ticks(ax.get_xticklabels(), rare)
 
 
 def _draw_means(ax, colors, miou, miou_std, rare_miou, rare_miou_std, marks) -> None:
-    num_groups = len(colors)
-    bar = 0.8 / max(num_groups, 1)
-    for index, (values, std) in enumerate(((miou, miou_std), (rare_miou, rare_miou_std))):
-        for g in range(num_groups):
-            pos = index - 0.4 + bar * (g + 0.5)
-            value, err = values[g], std[g]
-            ax.bar(pos, 0.0 if math.isnan(value) else value, width=bar, color=colors[g],
-                   yerr=None if math.isnan(err) else err, error_kw={"elinewidth": 0.8, "capsize": 2})
-            if math.isnan(value) or value == 0:  # no bar to see: say why
-                ax.text(pos, 0.02, "n/a" if math.isnan(value) else "0", ha="center", va="bottom", rotation=90,
-                        fontsize=FONT, color="0.3")
-            if index == 1 and marks is not None and marks[g] and not math.isnan(value):
-                top = value + (0.0 if math.isnan(err) else err) + (0.05 if value == 0 else 0.0)
-                ax.text(pos, top + 0.01, str(marks[g]), ha="center", va="bottom", fontsize=FONT + 1,
-                        color=colors[g], rotation=90 if len(str(marks[g])) > 2 else 0)
+    """mIoU and rare mIoU bars per configuration, ``marks`` (short texts) above the rare-mIoU bars."""
+    positions = grouped_bars(ax, np.stack([miou, rare_miou], axis=1), colors,
+                             std=np.stack([miou_std, rare_miou_std], axis=1), notes="gaps")
+    for g, (pos, value, err) in enumerate(zip(positions[:, 1], rare_miou, rare_miou_std)):
+        if marks is not None and marks[g] and not math.isnan(value):
+            top = value + (0.0 if math.isnan(err) else err) + (0.05 if value == 0 else 0.0)
+            ax.text(pos, top + 0.01, str(marks[g]), ha="center", va="bottom", fontsize=FONT + 1,
+                    color=colors[g], rotation=90 if len(str(marks[g])) > 2 else 0)
     ax.set_xticks([0, 1], labels=["mIoU", "rare mIoU"], fontsize=FONT)
     ax.set_xlim(-0.5, 1.5)
     ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
     ax.tick_params(labelsize=FONT)
     ax.set_title("means", fontsize=FONT + 1, loc="left")
+
+
+# -- sweep summary chart ---------------------------------------------------------------------------------------
+def summary_figure(jobs: Sequence[str], class_names: Sequence[str], pixel_share: Sequence[float], iou: np.ndarray,
+                   rare: Sequence[bool], miou: Sequence[float], rare_miou: Sequence[float],
+                   status: Sequence[str], title: str | None = None) -> Figure:
+    """Per-class IoU of every job of a sweep, classes in the given order (callers pass them by decreasing pixel
+    share, so rare classes sit on the right), plus mIoU and rare-class mIoU per job.
+
+    ``iou`` is ``(jobs, classes)`` with NaN for an absent class or a job without results (no bar; such jobs are
+    labelled with their status in the legend)."""
+    iou = np.asarray(iou, dtype=np.float64).reshape(len(jobs), len(class_names))
+    num_jobs, num_classes = iou.shape
+    width = min(28.0, 4.0 + num_classes * max(0.9, 0.28 * num_jobs))
+    figure = new_figure(width + 4.5, 5.2)
+    grid = figure.add_gridspec(1, 2, width_ratios=(width, 3.2))
+    ax = figure.add_subplot(grid[0, 0])
+    ax_mean = figure.add_subplot(grid[0, 1])
+    colors = series_colors(num_jobs)
+    notes = "values" if num_jobs * num_classes <= 48 else None
+    labels = [job if state == "completed" else f"{job} ({state})" for job, state in zip(jobs, status)]
+    grouped_bars(ax, iou, colors, labels=labels, notes=notes)
+    _label_classes(ax, class_names, pixel_share, rare)
+    ax.set_title(title or "per-class IoU per job")
+    grouped_bars(ax_mean, np.asarray([miou, rare_miou], dtype=np.float64).T.reshape(num_jobs, 2), colors, notes=notes)
+    ax_mean.set_xticks(np.arange(2), labels=["mIoU", "rare mIoU"], fontsize=8)
+    ax_mean.set_ylim(0, 1.08)
+    ax_mean.grid(axis="y", alpha=0.3)
+    ax_mean.set_title("means")
+    if num_jobs:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(num_jobs, 3), fontsize=7, frameon=False)
+    figure.tight_layout()
+    return figure
+
+
+def _label_classes(ax, class_names: Sequence[str], pixel_share: Sequence[float], rare: Sequence[bool]) -> None:
+    """Class names with their training pixel share under the IoU bars (rare classes in red), axis labels, grid."""
+    labels = [f"{name}\n{100 * share:.2f}%" + ("\n(rare)" if is_rare else "")
+              for name, share, is_rare in zip(class_names, pixel_share, rare)]
+    ax.set_xticks(np.arange(len(class_names)), labels=labels, fontsize=8)
+    _mark_rare_ticks(ax.get_xticklabels(), rare)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("IoU (final evaluation)")
+    ax.set_xlabel("class, training pixel share (decreasing)")
+    ax.grid(axis="y", alpha=0.3)

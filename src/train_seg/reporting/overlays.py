@@ -1,10 +1,9 @@
-"""Pictures for TensorBoard and the sweep summary: the row-normalised confusion matrix, prediction overlays of a
-fixed set of validation images, and the per-class IoU chart of a sweep. Nothing here runs a model: callers pass
-predicted label maps (``train_seg.evaluation.loop.predict_batch`` makes them).
-
-Drawn with matplotlib's object API on the Agg canvas (``Figure`` + ``FigureCanvasAgg``, never ``pyplot``): no
-display needed, no global figure registry to leak, safe inside Hydra jobs and DataLoader workers. The module never
-imports torch, so ``python -m train_seg.reporting.summary`` stays fast.
+"""The image side of the pictures: class colours (``colorize``, ``default_palette``, ``class_palette``,
+``palette_png``), an image made displayable (``display_rgb`` for raw image pixels, ``display_image`` for a
+normalised tensor), the prediction overlay blend that ``train_seg.cli.predict`` writes (``blend``), and the
+TensorBoard overlay panels of a fixed set of validation images (``select_overlay_indices``, ``OverlaySet``,
+``overlay_figure``). Nothing here runs a model: callers pass predicted label maps. Figures are made on the Agg canvas
+of ``train_seg.reporting.plots``; torch and albumentations are imported only where needed.
 """
 from __future__ import annotations
 
@@ -12,80 +11,64 @@ import math
 from typing import Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from train_seg.reporting.plots import new_figure
+
 # Colour of ignore_index pixels in ground-truth and prediction panels: a neutral light grey.
 IGNORE_COLOR = (200, 200, 200)
-# Above this many classes the confusion matrix gets no per-cell numbers (unreadable), above MAX_TICK_CLASSES no names.
-MAX_ANNOTATED_CLASSES = 20
-MAX_TICK_CLASSES = 60
 
 
-def new_figure(width: float, height: float, dpi: int = 100) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=dpi)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def figure_to_array(figure: Figure) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB rendering of a figure."""
-    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-# -- confusion matrix ------------------------------------------------------------------------------------------
-def row_normalize(confusion) -> np.ndarray:
-    """``(K, K)`` float64: each true-class row divided by its sum, so row ``t`` holds where pixels of class ``t``
-    went (the diagonal is the recall). A row with no pixels (class absent from the target) is all NaN."""
-    counts = np.asarray(confusion, dtype=np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, counts / np.where(totals > 0, totals, 1), np.nan)
-
-
-def confusion_figure(confusion, class_names: Sequence[str], title: str | None = None) -> Figure:
-    """Row-normalised confusion matrix (rows: ground truth, columns: prediction) with class names on both axes and
-    the fraction printed in each cell (up to ``MAX_ANNOTATED_CLASSES`` classes). An absent class's row is left
-    empty and its name marked ``(absent)``. ``title`` (e.g. ``"epoch 3"``) prefixes the figure's title."""
-    matrix = row_normalize(confusion)
-    k = len(class_names)
-    side = min(24.0, max(4.5, 0.55 * k + 2.5))
-    figure = new_figure(side + 1.0, side)
-    ax = figure.add_subplot(1, 1, 1)
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's pixels")
-    absent = np.isnan(matrix).all(axis=1)
-    if k <= MAX_TICK_CLASSES:
-        ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right", rotation_mode="anchor")
-        ax.set_yticks(range(k), labels=[f"{n} (absent)" if a else n for n, a in zip(class_names, absent)])
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if k <= MAX_ANNOTATED_CLASSES:
-        for t in range(k):
-            for p in range(k):
-                value = matrix[t, p]
-                if not math.isnan(value):
-                    ax.text(p, t, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if value > 0.55 else "black")
-    ax.set_title(f"{title + ': ' if title else ''}rows normalised (diagonal = recall)")
-    figure.tight_layout()
-    return figure
-
-
-# -- prediction overlays ---------------------------------------------------------------------------------------
-def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
+# -- class colours ---------------------------------------------------------------------------------------------
+def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int | None = 255) -> np.ndarray:
     """``(H, W)`` labels -> ``(H, W, 3)`` uint8 RGB with the dataset palette; ``ignore_index`` and any label outside
-    the palette are drawn in ``IGNORE_COLOR``."""
+    the palette are drawn in ``IGNORE_COLOR`` (``ignore_index=None``: no label is ignored)."""
     lut = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     mask = np.asarray(mask).astype(np.int64)
-    valid = (mask >= 0) & (mask < len(lut)) & (mask != ignore_index)
+    valid = (mask >= 0) & (mask < len(lut))
+    if ignore_index is not None:
+        valid &= mask != ignore_index
     out = np.empty(mask.shape + (3,), dtype=np.uint8)
     out[...] = IGNORE_COLOR
     out[valid] = lut[mask[valid]]
     return out
+
+
+def default_palette(count: int) -> list[list[int]]:
+    """The PASCAL VOC colour map (bits of the index spread over R, G, B): distinct colours for any class count."""
+    from train_seg.data.voc import voc_colormap
+
+    return [list(colour) for colour in voc_colormap(count)]
+
+
+def class_palette(palette: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """``(K, 3)`` uint8: the given colours (e.g. a checkpoint's), the default colour map for classes without one."""
+    colours = [list(c)[:3] for c in palette][:num_classes]
+    colours += default_palette(num_classes)[len(colours):]
+    return np.asarray(colours, dtype=np.uint8).reshape(num_classes, 3)
+
+
+def palette_png(mask: np.ndarray, colours: np.ndarray):
+    """A PIL palette image (mode ``P``, the class colours) of the class indices; 16-bit grey above 256 classes."""
+    from PIL import Image
+
+    if len(colours) > 256:
+        return Image.fromarray(mask.astype(np.uint16))
+    image = Image.fromarray(mask.astype(np.uint8))  # mode L; putpalette makes it P with exactly these colours
+    image.putpalette(colours.reshape(-1).tolist())
+    return image
+
+
+# -- displayable images ----------------------------------------------------------------------------------------
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8: raw image pixels as the model sees them before normalisation (through
+    ``train_seg.evaluation.inference.as_rgb``: grey repeated, alpha dropped, 16-bit scaled to 8, float [0, 1] to
+    255). ``ValueError`` for a shape or dtype ``as_rgb`` refuses."""
+    from train_seg.evaluation.inference import as_rgb
+
+    rgb = as_rgb(image)
+    return rgb if rgb.dtype == np.uint8 else np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 def display_image(image) -> np.ndarray:
@@ -108,16 +91,21 @@ def display_image(image) -> np.ndarray:
 
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """uint8 pixels through ``display_rgb``, anything else (a normalised float image) through ``display_image``."""
     image = np.asarray(image)
-    if image.dtype != np.uint8:
-        return display_image(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    return np.ascontiguousarray(image[..., :3])
+    return np.ascontiguousarray(display_rgb(image)) if image.dtype == np.uint8 else display_image(image)
 
 
+def blend(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - alpha) * display_rgb(image) + alpha * colour of the pixel's class``, rounded, uint8 ``(H, W, 3)``;
+    ``mask`` holds class indices into ``colours``."""
+    blended = display_rgb(image).astype(np.float32)
+    blended *= np.float32(1.0 - alpha)
+    blended += np.float32(alpha) * colorize(mask, colours, None).astype(np.float32)
+    return np.rint(blended, out=blended).astype(np.uint8)
+
+
+# -- overlay panels --------------------------------------------------------------------------------------------
 def _resize_nearest(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     rows = (np.arange(shape[0]) * image.shape[0] / shape[0]).astype(int)
     cols = (np.arange(shape[1]) * image.shape[1] / shape[1]).astype(int)
@@ -273,8 +261,7 @@ def overlay_figure(images: Sequence[np.ndarray], targets: Sequence[np.ndarray], 
     colours of the classes shown. Text is ``OVERLAY_FONT`` pt (see ``OVERLAY_DPI``)."""
     rows = len(images)
     row_height = OVERLAY_PANEL + 0.5
-    figure = Figure(figsize=(3 * OVERLAY_PANEL + 0.2, rows * row_height + 0.75), dpi=OVERLAY_DPI, layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(3 * OVERLAY_PANEL + 0.2, rows * row_height + 0.75, dpi=OVERLAY_DPI, layout="constrained")
     top, *row_figures = figure.subfigures(rows + 1, 1, height_ratios=[0.75] + [row_height] * rows, hspace=0.0)
     shown: set[int] = set()
     has_ignore = False
@@ -299,74 +286,3 @@ def overlay_figure(images: Sequence[np.ndarray], targets: Sequence[np.ndarray], 
                frameon=False, handlelength=1.0, handletextpad=0.4, columnspacing=0.9, title=heading,
                title_fontsize=OVERLAY_FONT, borderaxespad=0.0)
     return figure
-
-
-# -- sweep summary chart ---------------------------------------------------------------------------------------
-def summary_figure(jobs: Sequence[str], class_names: Sequence[str], pixel_share: Sequence[float], iou: np.ndarray,
-                   rare: Sequence[bool], miou: Sequence[float], rare_miou: Sequence[float],
-                   status: Sequence[str], title: str | None = None) -> Figure:
-    """Per-class IoU of every job of a sweep, classes in the given order (callers pass them by decreasing pixel
-    share, so rare classes sit on the right), plus mIoU and rare-class mIoU per job.
-
-    ``iou`` is ``(jobs, classes)`` with NaN for an absent class or a job without results (no bar; such jobs are
-    labelled with their status in the legend)."""
-    iou = np.asarray(iou, dtype=np.float64).reshape(len(jobs), len(class_names))
-    num_jobs, num_classes = iou.shape
-    width = min(28.0, 4.0 + num_classes * max(0.9, 0.28 * num_jobs))
-    figure = new_figure(width + 4.5, 5.2)
-    grid = figure.add_gridspec(1, 2, width_ratios=(width, 3.2))
-    ax = figure.add_subplot(grid[0, 0])
-    ax_mean = figure.add_subplot(grid[0, 1])
-    colors = _job_colors(num_jobs)
-    annotate = num_jobs * num_classes <= 48
-    labels = [job if state == "completed" else f"{job} ({state})" for job, state in zip(jobs, status)]
-    _grouped_bars(ax, iou, colors, annotate, labels)
-    _label_classes(ax, class_names, pixel_share, rare)
-    ax.set_title(title or "per-class IoU per job")
-    _grouped_bars(ax_mean, np.asarray([miou, rare_miou], dtype=np.float64).T.reshape(num_jobs, 2), colors, annotate)
-    ax_mean.set_xticks(np.arange(2), labels=["mIoU", "rare mIoU"], fontsize=8)
-    ax_mean.set_ylim(0, 1.08)
-    ax_mean.grid(axis="y", alpha=0.3)
-    ax_mean.set_title("means")
-    if num_jobs:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(num_jobs, 3), fontsize=7, frameon=False)
-    figure.tight_layout()
-    return figure
-
-
-def _grouped_bars(ax, values: np.ndarray, colors: Sequence, annotate: bool,
-                  labels: Sequence[str] | None = None) -> None:
-    """``values`` ``(jobs, slots)``: one bar per job side by side in each slot (NaN: no bar), the value printed on
-    top when ``annotate`` (``n/a`` for NaN); ``labels``: the jobs' legend labels."""
-    num_jobs, num_slots = values.shape
-    bar = 0.8 / max(num_jobs, 1)
-    for j in range(num_jobs):
-        positions = np.arange(num_slots) - 0.4 + bar * (j + 0.5)
-        kwargs = {} if labels is None else {"label": labels[j]}
-        ax.bar(positions, np.nan_to_num(values[j], nan=0.0), width=bar, color=colors[j], **kwargs)
-        if annotate:
-            for pos, value in zip(positions, values[j]):
-                text = "n/a" if math.isnan(value) else f"{value:.2f}"
-                ax.text(pos, (0 if math.isnan(value) else value) + 0.01, text, ha="center", va="bottom",
-                        fontsize=7, rotation=90)
-
-
-def _label_classes(ax, class_names: Sequence[str], pixel_share: Sequence[float], rare: Sequence[bool]) -> None:
-    """Class names with their training pixel share under the IoU bars (rare classes in red), axis labels, grid."""
-    labels = [f"{name}\n{100 * share:.2f}%" + ("\n(rare)" if is_rare else "")
-              for name, share, is_rare in zip(class_names, pixel_share, rare)]
-    ax.set_xticks(np.arange(len(class_names)), labels=labels, fontsize=8)
-    for tick, is_rare in zip(ax.get_xticklabels(), rare):
-        if is_rare:
-            tick.set_color("tab:red")
-    ax.set_ylim(0, 1.08)
-    ax.set_ylabel("IoU (final evaluation)")
-    ax.set_xlabel("class, training pixel share (decreasing)")
-    ax.grid(axis="y", alpha=0.3)
-
-
-def _job_colors(count: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if count <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(count)]
