@@ -49,8 +49,9 @@ from train_seg.evaluation.loop import predict_batch
 from train_seg.evaluation.metrics import predictions
 
 __all__ = [
-    "CheckpointError", "CheckpointMeta", "TTA", "infer_logits", "load_checkpoint_model", "open_checkpoint", "predict",
-    "resolve_checkpoint_path", "slide_logits", "tta_logits", "to_model_input", "whole_logits",
+    "CheckpointError", "CheckpointMeta", "InferenceSettings", "TTA", "infer_logits", "load_checkpoint_model",
+    "open_checkpoint", "predict", "resolve_checkpoint_path", "slide_logits", "tta_logits", "to_model_input",
+    "whole_logits",
 ]
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # what a run directory gives, in order of preference
@@ -428,6 +429,60 @@ def infer_logits(model: nn.Module, images: torch.Tensor, device: str | torch.dev
                       accumulate_device=accumulate_device)
 
 
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How ``infer_logits`` infers (its keyword arguments but the device ones): checked on construction
+    (``ValueError`` naming the field). ``from_mapping`` builds it from a config node or parsed arguments."""
+
+    mode: str = "whole"
+    window: Any = 512
+    stride: Any = None
+    overlap: float = 0.5
+    blend: str = "uniform"
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not valid; choose one of {', '.join(MODES)}.")
+        if self.blend not in BLENDS:
+            raise ValueError(f"blend={self.blend!r} is not valid; choose one of {', '.join(BLENDS)}.")
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"flip={self.flip!r}: use true or false.")
+        object.__setattr__(self, "scales", _check_scales(self.scales))
+        if self.mode == "slide":
+            slide_stride(self.window, self.stride, self.overlap)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping, prefix: str = "", names: Mapping[str, str] | None = None):
+        """The settings from ``values[prefix + field]`` (absent fields: the defaults). A bad value raises
+        ``ConfigError`` naming its key: ``names[field]`` if given, else ``prefix + field``."""
+        from train_seg.config.validation import ConfigError
+
+        fields = [f for f in cls.__dataclass_fields__ if prefix + f in values]
+        try:
+            return cls(**{f: values[prefix + f] for f in fields})
+        except ValueError as exc:
+            field_name = str(exc).split("=", 1)[0]
+            key = (names or {}).get(field_name, prefix + field_name)
+            raise ConfigError(f"{key}={str(exc).split('=', 1)[1]}") from None
+
+    @property
+    def tta(self) -> bool:
+        """Whether test-time augmentation is on (a flip, or scales other than 1.0)."""
+        return self.flip or self.scales != (1.0,)
+
+    @property
+    def plain(self) -> bool:
+        """Whole image, no test-time augmentation: the plain forward pass."""
+        return self.mode == "whole" and not self.tta
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of ``infer_logits`` (and what metrics.json records of an evaluation)."""
+        return {"mode": self.mode, "window": self.window, "stride": self.stride, "overlap": self.overlap,
+                "blend": self.blend, "flip": self.flip, "scales": list(self.scales)}
+
+
 # -- the notebook API ------------------------------------------------------------------------------------------
 def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """``(K, H, W)`` probabilities from ``(K, H, W)`` logits: softmax, or ``[1 - p, p]`` of a one-channel head."""
@@ -457,18 +512,24 @@ def _model_device(model: nn.Module) -> torch.device:
 def predict(model: nn.Module, image: np.ndarray, meta: CheckpointMeta, *, mode: str = "whole", tta=None,
             window=512, stride=None, overlap: float = 0.5, blend: str = "uniform", batch_size: int = 1,
             device: str | torch.device | None = None, amp_dtype: torch.dtype | None = None,
-            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+            channels_last: bool = False, settings: InferenceSettings | None = None,
+            accumulate_device: str | torch.device | None = None,
+            probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Predicts one numpy image ``(H, W[, C])`` (uint8, uint16 or float in [0, 1]; grey, RGB or RGBA: conversions
     in the module docstring) with ``meta``'s normalisation. Returns ``(mask (H, W) int64, probabilities (K, H, W)
-    float32)`` at the image's size (K = number of classes, also for a binary head). ``tta``: None, True (horizontal
-    flip), ``TTA(flip, scales)`` or ``{"flip": ..., "scales": [...]}``. Puts the model in eval mode; runs on the
-    model's device unless ``device`` is given, in float32 unless ``amp_dtype`` is."""
-    options = _tta_options(tta)
+    float32, or None unless probabilities)`` at the image's size (K = number of classes, also for a binary head).
+    ``tta``: None, True (horizontal flip), ``TTA(flip, scales)`` or ``{"flip": ..., "scales": [...]}``; ``settings``
+    replaces mode, tta, window, stride, overlap and blend. Puts the model in eval mode; runs on the model's device
+    unless ``device`` is given, in float32 unless ``amp_dtype`` is."""
+    if settings is None:
+        options = _tta_options(tta)
+        settings = InferenceSettings(mode=mode, window=window, stride=stride, overlap=overlap, blend=blend,
+                                     flip=options.flip, scales=options.scales)
     device = torch.device(device) if device is not None else _model_device(model)
     model.eval()
-    logits = infer_logits(model, to_model_input(image, meta), device, amp_dtype, channels_last, mode=mode,
-                          window=window, stride=stride, overlap=overlap, blend=blend, flip=options.flip,
-                          scales=options.scales, batch_size=batch_size)
-    mask = predictions(logits)[0]
-    probabilities = class_probabilities(logits[0])
-    return mask.cpu().numpy().astype(np.int64), probabilities.cpu().numpy().astype(np.float32, copy=False)
+    logits = infer_logits(model, to_model_input(image, meta), device, amp_dtype, channels_last,
+                          batch_size=batch_size, accumulate_device=accumulate_device, **settings.kwargs())
+    mask = predictions(logits)[0].cpu().numpy().astype(np.int64)
+    if not probabilities:
+        return mask, None
+    return mask, class_probabilities(logits[0]).cpu().numpy().astype(np.float32, copy=False)
