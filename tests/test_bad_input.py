@@ -113,7 +113,7 @@ def _resume(kind: str):
             needles = [str(path), "newer train_seg"]
         else:  # an older checkpoint holding numpy objects the safe loader refuses
             torch.save({"model": {}, "config": {}, "rng": np.zeros(3)}, path)
-            needles = [str(path), "python -m train_seg.checkpoint convert"]
+            needles = [str(path), "python -m train_seg.cli.checkpoint convert"]
         return [*SYNTHETIC, f"trainer.resume={path}"], needles
     return case
 
@@ -252,7 +252,7 @@ def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path, str]]:
     return {"missing": (tmp / "missing.pt", "no such checkpoint"), "not_a_checkpoint": (tmp / "text.pt", "not a"),
             "truncated": (truncated, "truncated"),
             "newer": (fake_checkpoint(tmp / "newer.pt", version=CHECKPOINT_VERSION + 1), "newer train_seg"),
-            "python_objects": (tmp / "old.pt", "train_seg.checkpoint convert")}
+            "python_objects": (tmp / "old.pt", "train_seg.cli.checkpoint convert")}
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict", "export"])
@@ -270,13 +270,13 @@ def test_evaluate_predict_export_refuse_bad_checkpoints(command, tmp_path, monke
         elif command == "predict":
             from train_seg.cli.predict import main as predict_main
 
-            call = lambda: predict_main([f"ckpt={ckpt}", f"input={tmp_path / 'a.png'}",  # noqa: E731
-                                         f"output={tmp_path / 'o'}", "progress=false"])
+            call = lambda: predict_main(["--ckpt", str(ckpt), "--input", str(tmp_path / "a.png"),  # noqa: E731
+                                         "--output", str(tmp_path / "o"), "--no-progress"])
         else:
             from train_seg.cli.export import main as export_main
 
-            call = lambda: export_main([f"ckpt={ckpt}", "format=torchscript",  # noqa: E731
-                                        f"output={tmp_path / 'm.pt'}"])
+            call = lambda: export_main(["--ckpt", str(ckpt), "--format", "torchscript",  # noqa: E731
+                                        "--output", str(tmp_path / "m.pt")])
         with pytest.raises(SystemExit) as info:
             call()
         err = capsys.readouterr().err
@@ -366,12 +366,12 @@ def test_a_saved_checkpoint_loads_with_weights_only(tmp_path):
 
 
 def test_an_older_checkpoint_with_python_objects_is_refused_then_converted(tmp_path, capsys):
-    from train_seg.checkpoint import main as checkpoint_main
+    from train_seg.cli.checkpoint import main as checkpoint_main
 
     old = tmp_path / "old.pt"
     torch.save({"model": {"w": torch.ones(2)}, "config": {"seed": np.int64(3)}, "class_names": ("a", "b"),
                 "stats": np.arange(3), "where": Path("/x")}, old)
-    with pytest.raises(CheckpointError, match="python -m train_seg.checkpoint convert"):
+    with pytest.raises(CheckpointError, match="python -m train_seg.cli.checkpoint convert"):
         read_checkpoint(old)
     checkpoint_main(["convert", str(old), str(tmp_path / "new.pt")])
     assert "converted" in capsys.readouterr().out

@@ -134,7 +134,7 @@ def test_read_checkpoint_refuses_what_is_not_a_current_train_seg_checkpoint(tmp_
     state = torch.load(LEGACY / "last.pt", map_location="cpu", weights_only=True)
     no_version = {k: v for k, v in state.items() if k != "version"}
     torch.save(no_version, tmp_path / "old.pt")
-    with pytest.raises(CheckpointError, match="no 'version' entry.*train_seg.checkpoint convert"):
+    with pytest.raises(CheckpointError, match="no 'version' entry.*train_seg.cli.checkpoint convert"):
         read_checkpoint(tmp_path / "old.pt")
     torch.save({k: v for k, v in state.items() if k != "class_names"}, tmp_path / "nameless.pt")
     with pytest.raises(CheckpointError, match="not a train_seg checkpoint: it has no 'class_names'"):

@@ -57,7 +57,7 @@ def check_metadata(metadata: dict, fmt: str) -> None:
 def test_onnx_export_matches_eager_pytorch_on_a_new_size_and_batch(run_dir, eager, tmp_path, capsys):
     images, expected = eager
     path = tmp_path / "model.onnx"
-    assert run(f"ckpt={run_dir / 'last.pt'}", "format=onnx", f"output={path}", "sample_size=64") == 0
+    assert run(f"--ckpt={run_dir / 'last.pt'}", "--format=onnx", f"--output={path}", "--sample-size=64") == 0
     assert "verified against PyTorch" in capsys.readouterr().out
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"input": images.numpy()})
@@ -79,7 +79,7 @@ def test_onnx_export_matches_eager_pytorch_on_a_new_size_and_batch(run_dir, eage
 def test_torchscript_export_matches_eager_pytorch_on_a_new_size_and_batch(run_dir, eager, tmp_path):
     images, expected = eager
     path = tmp_path / "model.pt"
-    assert run(f"ckpt={run_dir}", "format=torchscript", f"output={path}") == 0
+    assert run(f"--ckpt={run_dir}", "--format=torchscript", f"--output={path}") == 0
     files = {TORCHSCRIPT_METADATA: ""}
     loaded = torch.jit.load(str(path), _extra_files=files)
     with torch.inference_mode():
@@ -93,35 +93,35 @@ def test_torchscript_export_matches_eager_pytorch_on_a_new_size_and_batch(run_di
 def test_an_existing_file_is_refused_unless_overwrite(run_dir, tmp_path, capsys):
     path = tmp_path / "model.pt"
     path.write_bytes(b"keep me")
-    assert run(f"ckpt={run_dir}", "format=torchscript", f"output={path}") == 2
+    assert run(f"--ckpt={run_dir}", "--format=torchscript", f"--output={path}") == 2
     err = capsys.readouterr().err
-    assert str(path) in err and "overwrite=true" in err
+    assert str(path) in err and "--overwrite" in err
     assert path.read_bytes() == b"keep me"
-    assert run(f"ckpt={run_dir}", "format=torchscript", f"output={path}", "overwrite=true", "verify=false") == 0
+    assert run(f"--ckpt={run_dir}", "--format=torchscript", f"--output={path}", "--overwrite", "--no-verify") == 0
     assert read_metadata(path)["class_names"] == CLASSES
 
 
 def test_a_failed_verification_exits_1_and_writes_nothing(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export, "run_exported", lambda data, fmt, images: np.zeros((2, 4, 1, 1), np.float32))
-    assert run(f"ckpt={run_dir}", "format=torchscript", f"output={tmp_path / 'm.pt'}", "sample_size=32") == 1
+    assert run(f"--ckpt={run_dir}", "--format=torchscript", f"--output={tmp_path / 'm.pt'}", "--sample-size=32") == 1
     assert "gives other logits than PyTorch" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_missing_extra_names_the_install_command(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
-    assert run(f"ckpt={run_dir}", "format=onnx", f"output={tmp_path / 'm.onnx'}") == 2
+    assert run(f"--ckpt={run_dir}", "--format=onnx", f"--output={tmp_path / 'm.onnx'}") == 2
     err = capsys.readouterr().err
     assert "pip install 'train_seg[export]'" in err and "onnx" in err
     assert not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize("args, match", [
-    (["format=onnx", "output=m.onnx"], "ckpt is required"),
-    (["ckpt=c", "output=m.onnx"], "format is required"),
-    (["ckpt=c", "format=tflite", "output=m"], "format='tflite'"),
-    (["ckpt=c", "format=onnx", "output=m.onnx", "opset=3"], "opset='3'"),
-    (["ckpt=/no/such/run", "format=torchscript", "output=m.pt"], "no such checkpoint"),
+    (["--format", "onnx", "--output", "m.onnx"], "required: --ckpt"),
+    (["--ckpt", "c", "--output", "m.onnx"], "required: --format"),
+    (["--ckpt", "c", "--format", "tflite", "--output", "m"], "--format: 'tflite'"),
+    (["--ckpt", "c", "--format", "onnx", "--output", "m.onnx", "--opset", "3"], "--opset: '3'"),
+    (["--ckpt", "/no/such/run", "--format", "torchscript", "--output", "m.pt"], "no such checkpoint"),
 ])
 def test_bad_arguments_exit_2(tmp_path, monkeypatch, capsys, args, match):
     monkeypatch.chdir(tmp_path)
@@ -134,8 +134,8 @@ def test_bad_arguments_exit_2(tmp_path, monkeypatch, capsys, args, match):
 def test_cli_subprocess(run_dir, tmp_path):
     path = tmp_path / "m.pt"
     env = {**cli_env(), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "train_seg.cli.export", f"ckpt={run_dir}", "format=torchscript",
-                             f"output={path}", "verify=false"], cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "train_seg.cli.export", f"--ckpt={run_dir}", "--format=torchscript",
+                             f"--output={path}", "--no-verify"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"wrote {path}" in result.stdout and path.is_file()
@@ -155,5 +155,5 @@ def test_a_model_with_an_auxiliary_head_exports_without_it(run_dir, tmp_path):
     assert checkpoint_meta(state).num_classes == len(CLASSES)
     torch.save(state, tmp_path / "aux.pt")
     path = tmp_path / "aux_scripted.pt"
-    assert run(f"ckpt={tmp_path / 'aux.pt'}", "format=torchscript", f"output={path}", "sample_size=32") == 0
+    assert run(f"--ckpt={tmp_path / 'aux.pt'}", "--format=torchscript", f"--output={path}", "--sample-size=32") == 0
     assert not any("aux_classifier" in name for name, _ in torch.jit.load(str(path)).named_modules())

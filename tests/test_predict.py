@@ -32,7 +32,7 @@ def env() -> dict:
 def run(*args: str) -> int:
     """``main([...])``'s exit status."""
     with pytest.raises(SystemExit) as info:
-        main([*args, "progress=false"])
+        main([*args, "--no-progress"])
     return info.value.code
 
 
@@ -74,7 +74,7 @@ def test_masks_and_overlays_for_every_mode_and_size(run_dir, loaded, tmp_path, m
         monkeypatch.setattr(checkpoint, "load_checkpoint_model", lambda path, device: (model, meta))
     images = write_modes(tmp_path / "in")
     out = tmp_path / "out"
-    assert run(f"ckpt={run_dir / 'last.pt'}", f"input={tmp_path / 'in'}", f"output={out}") == 0
+    assert run(f"--ckpt={run_dir / 'last.pt'}", f"--input={tmp_path / 'in'}", f"--output={out}") == 0
     seen = set()
     for name, array in images.items():
         stem = Path(name).stem
@@ -98,7 +98,7 @@ def test_masks_and_overlays_for_every_mode_and_size(run_dir, loaded, tmp_path, m
 def test_the_overlay_blends_the_image_with_the_class_colours(run_dir, tmp_path):
     image = synthetic_rgb(3)
     Image.fromarray(image).save(tmp_path / "a.png")
-    assert run(f"ckpt={run_dir}", f"input={tmp_path / 'a.png'}", f"output={tmp_path / 'o'}", "alpha=0.25") == 0
+    assert run(f"--ckpt={run_dir}", f"--input={tmp_path / 'a.png'}", f"--output={tmp_path / 'o'}", "--alpha=0.25") == 0
     mask = np.asarray(Image.open(tmp_path / "o" / "a_mask.png"))
     colours = np.asarray(Image.open(tmp_path / "o" / "a_mask.png").convert("RGB"))
     overlay = np.asarray(Image.open(tmp_path / "o" / "a_overlay.png")).astype(np.float64)
@@ -113,7 +113,7 @@ def test_save_probs_writes_float16_probabilities_that_sum_to_one(run_dir, loaded
     model, meta = loaded
     image = synthetic_rgb(1)[:37, :53]
     Image.fromarray(image).save(tmp_path / "x.png")
-    args = (f"ckpt={run_dir / 'last.pt'}", f"input={tmp_path / 'x.png'}", f"output={tmp_path / 'o'}", "save_probs=true")
+    args = (f"--ckpt={run_dir / 'last.pt'}", f"--input={tmp_path / 'x.png'}", f"--output={tmp_path / 'o'}", "--save-probs")
     assert run(*args) == 0
     probs = np.load(tmp_path / "o" / "x_probs.npy")
     assert probs.dtype == np.float16 and probs.shape == (len(CLASSES), 37, 53)
@@ -126,9 +126,9 @@ def test_sliding_windows_and_tta_are_those_of_predict(run_dir, loaded, tmp_path)
     model, meta = loaded
     image = synthetic_rgb(0)[:50, :61]
     Image.fromarray(image).save(tmp_path / "s.png")
-    assert run(f"ckpt={run_dir / 'last.pt'}", f"input={tmp_path / 's.png'}", f"output={tmp_path / 'o'}",
-               "inference.mode=slide", "inference.window=32", "inference.blend=gaussian", "tta.flip=true",
-               "tta.scales=[0.75,1.0]", "batch_size=3") == 0
+    assert run(f"--ckpt={run_dir / 'last.pt'}", f"--input={tmp_path / 's.png'}", f"--output={tmp_path / 'o'}",
+               "--inference-mode=slide", "--inference-window=32", "--inference-blend=gaussian", "--tta-flip",
+               "--tta-scales=0.75,1.0", "--batch-size=3") == 0
     expected, _ = predict(model, image, meta, mode="slide", window=32, blend="gaussian", batch_size=3,
                           tta={"flip": True, "scales": [0.75, 1.0]})
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "s_mask.png")), expected)
@@ -144,7 +144,7 @@ def test_a_corrupt_file_and_a_text_file_are_reported_by_name_the_others_are_writ
     Image.fromarray(synthetic_rgb(2)).save(folder / "cut.png")
     (folder / "cut.png").write_bytes((folder / "cut.png").read_bytes()[:300])  # truncated in the pixel data
     out = tmp_path / "out"
-    assert run(f"ckpt={run_dir / 'last.pt'}", f"input={folder}", f"output={out}") == 1
+    assert run(f"--ckpt={run_dir / 'last.pt'}", f"--input={folder}", f"--output={out}") == 1
     err = capsys.readouterr().err
     for name in ("broken.png", "notes.txt", "cut.png"):
         assert str(folder / name) in err.split("inputs failed")[1], err  # listed at the end
@@ -160,13 +160,13 @@ def test_existing_outputs_are_refused_before_any_work_unless_overwrite(run_dir, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "b_mask.png").write_bytes(b"an earlier result")
-    args = (f"ckpt={run_dir / 'last.pt'}", f"input={tmp_path / '*.png'}", f"output={out}")
+    args = (f"--ckpt={run_dir / 'last.pt'}", f"--input={tmp_path / '*.png'}", f"--output={out}")
     assert run(*args) == 2
     err = capsys.readouterr().err
-    assert str(out / "b_mask.png") in err and "overwrite=true" in err and "\n" not in err.strip()
+    assert str(out / "b_mask.png") in err and "--overwrite" in err and "\n" not in err.strip()
     assert sorted(p.name for p in out.iterdir()) == ["b_mask.png"]  # nothing else written: refused up front
     assert (out / "b_mask.png").read_bytes() == b"an earlier result"
-    assert run(*args, "overwrite=true") == 0
+    assert run(*args, "--overwrite") == 0
     assert Image.open(out / "b_mask.png").mode == "P"
     assert run(*args) == 2  # the run's own outputs are protected as well
     assert not list(out.glob(".*.tmp"))  # atomic writes left no temp file
@@ -178,7 +178,7 @@ def test_same_stems_do_not_collide(run_dir, tmp_path):
         Image.fromarray(synthetic_rgb(0)).save(tmp_path / "in" / sub / "x.png")
     Image.fromarray(synthetic_rgb(1)).save(tmp_path / "in" / "a" / "x.jpg")
     out = tmp_path / "out"
-    assert run(f"ckpt={run_dir / 'last.pt'}", f"input={tmp_path / 'in'}", "recursive=true", f"output={out}") == 0
+    assert run(f"--ckpt={run_dir / 'last.pt'}", f"--input={tmp_path / 'in'}", "--recursive", f"--output={out}") == 0
     masks = sorted(str(p.relative_to(out)) for p in out.rglob("*_mask.png"))
     assert masks == ["a/x_jpg_mask.png", "a/x_png_mask.png", "b/deep/x_mask.png"]
     # one folder: flat; a file alone: flat
@@ -192,24 +192,25 @@ def test_earlier_outputs_in_the_input_folder_are_not_inputs(run_dir, tmp_path):
     folder.mkdir()
     Image.fromarray(synthetic_rgb(0)).save(folder / "a.png")
     for output in (folder / "pred", folder):  # a subfolder, and the input folder itself
-        args = (f"ckpt={run_dir / 'last.pt'}", f"input={folder}", f"output={output}", "recursive=true")
+        args = (f"--ckpt={run_dir / 'last.pt'}", f"--input={folder}", f"--output={output}", "--recursive")
         assert run(*args) == 0
-        assert run(*args, "overwrite=true") == 0  # a_mask.png, a_overlay.png are not read as inputs
+        assert run(*args, "--overwrite") == 0  # a_mask.png, a_overlay.png are not read as inputs
         assert sorted(p.name for p in output.glob("a_*.png")) == ["a_mask.png", "a_overlay.png"]
     assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a_mask.png", "a_overlay.png", "pred"]
 
 
 @pytest.mark.parametrize("args, match", [
-    (["input=x.png", "output=o"], "ckpt is required"),
-    (["ckpt=c", "output=o"], "input is required"),
-    (["ckpt=c", "input=x", "output=o", "colour=red"], "unknown key 'colour'"),
-    (["ckpt=c", "input=x", "output=o", "inference.mode=tiles"], "inference.mode='tiles'"),
-    (["ckpt=c", "input=x", "output=o", "tta.flip=maybe"], "tta.flip='maybe'"),
-    (["ckpt=c", "input=x", "output=o", "alpha=2"], "alpha='2'"),
-    (["ckpt=c", "input=x", "output=o", "inference.mode=slide", "inference.overlap=1"], "inference.overlap"),
-    (["ckpt=c", "input=x", "output=o", "tta.scales=[0,1]"], "tta.scales"),
-    (["ckpt=c", "input=/no/such/image.png", "output=o"], "no such file or folder"),
-    (["ckpt=c", "input=/no/such/*.png", "output=o"], "matches no file"),
+    (["--input", "x.png", "--output", "o"], "required: --ckpt"),
+    (["--ckpt", "c", "--output", "o"], "required: --input"),
+    (["--ckpt", "c", "--input", "x", "--output", "o", "--colour", "red"], "unrecognized arguments: --colour"),
+    (["--ckpt", "c", "--input", "x", "--output", "o", "--inference-mode", "tiles"], "--inference-mode: 'tiles'"),
+    (["--ckpt", "c", "--input", "x", "--output", "o", "--tta-flip=maybe"], "--tta-flip"),
+    (["--ckpt", "c", "--input", "x", "--output", "o", "--alpha", "2"], "--alpha: '2'"),
+    (["--ckpt", "c", "--input", "x", "--output", "o", "--inference-mode", "slide", "--inference-overlap", "1"],
+     "--inference-overlap"),
+    (["--ckpt", "c", "--input", "x", "--output", "o", "--tta-scales", "0,1"], "--tta-scales"),
+    (["--ckpt", "c", "--input", "/no/such/image.png", "--output", "o"], "no such file or folder"),
+    (["--ckpt", "c", "--input", "/no/such/*.png", "--output", "o"], "matches no file"),
 ])
 def test_bad_arguments_exit_2_naming_the_key(tmp_path, capsys, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
@@ -223,7 +224,7 @@ def test_checkpoint_errors_exit_2_before_any_output(tmp_path, capsys):
     Image.fromarray(synthetic_rgb(0)).save(tmp_path / "a.png")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     for ckpt in (tmp_path / "missing.pt", tmp_path / "bad.pt"):
-        assert run(f"ckpt={ckpt}", f"input={tmp_path / 'a.png'}", f"output={tmp_path / 'o'}") == 2
+        assert run(f"--ckpt={ckpt}", f"--input={tmp_path / 'a.png'}", f"--output={tmp_path / 'o'}") == 2
         assert str(ckpt) in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -238,11 +239,11 @@ def test_cli_subprocess_reports_failures_and_exits_1(run_dir, tmp_path):
     Image.fromarray(synthetic_rgb(0)).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"\x00" * 64)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "train_seg.cli.predict", f"ckpt={run_dir}", f"input={tmp_path}/*.png",
-                             f"output={out}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "train_seg.cli.predict", f"--ckpt={run_dir}", f"--input={tmp_path}/*.png",
+                             f"--output={out}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"{tmp_path / 'b.png'}: not an image" in result.stderr
     assert "wrote the outputs of 1 of 2 inputs" in result.stdout and (out / "a_mask.png").is_file()
     help_text = subprocess.run([sys.executable, "-m", "train_seg.cli.predict", "--help"], cwd=ROOT, env=env(),
                                capture_output=True, text=True, timeout=300)
-    assert help_text.returncode == 0 and "inference.mode" in help_text.stdout and "save_probs" in help_text.stdout
+    assert help_text.returncode == 0 and "--inference-mode" in help_text.stdout and "--save-probs" in help_text.stdout

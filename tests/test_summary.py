@@ -1,5 +1,5 @@
 """The sweep summary (``train_seg.reporting.summary``) on hand-made job directories: every status, class order, rare-class
-mean, the CSV/Markdown/PNG files, and ``python -m train_seg.reporting.summary`` on a partial sweep."""
+mean, the CSV/Markdown/PNG files, and ``python -m train_seg.cli.summary`` on a partial sweep."""
 import csv
 import json
 import math
@@ -13,7 +13,7 @@ import pytest
 from conftest import cli_env
 from train_seg.reporting.summary import (console_table, csv_rows, find_job_dirs, markdown, mean_std, parse_baseline,
                                summarize, swept_keys, write_summary)
-from train_seg.reporting.summary import main as summary_main
+from train_seg.cli.summary import main as summary_main
 
 # class order in the dataset is NOT the order by pixel share: the summary must sort it
 CLASSES = ["background", "car", "lake", "road"]
@@ -142,8 +142,8 @@ def test_job_dirs_are_found_even_when_nested(tmp_path):
 @pytest.mark.slow
 def test_summary_command_on_a_partial_sweep_without_torch(partial_sweep):
     """The real command, in a fresh interpreter: writes the three files, lists every job, never imports torch."""
-    code = ("import sys, runpy; sys.argv = ['train_seg.reporting.summary', sys.argv[1], '--rare-share', '0.05']\n"
-            "try:\n    runpy.run_module('train_seg.reporting.summary', run_name='__main__')\n"
+    code = ("import sys, runpy; sys.argv = ['train_seg.cli.summary', sys.argv[1], '--rare-share', '0.05']\n"
+            "try:\n    runpy.run_module('train_seg.cli.summary', run_name='__main__')\n"
             "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
             "assert 'torch' not in sys.modules, 'the summary imported torch'\n")
     result = subprocess.run([sys.executable, "-c", code, str(partial_sweep)], env=cli_env(), capture_output=True,
@@ -154,7 +154,7 @@ def test_summary_command_on_a_partial_sweep_without_torch(partial_sweep):
     for status in ("completed", "failed", "running", "incomplete"):
         assert status in result.stdout
     assert "--rare-share 0.05" in (partial_sweep / "summary.md").read_text()
-    missing = subprocess.run([sys.executable, "-m", "train_seg.reporting.summary", str(partial_sweep / "nope")], env=cli_env(),
+    missing = subprocess.run([sys.executable, "-m", "train_seg.cli.summary", str(partial_sweep / "nope")], env=cli_env(),
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "not a directory" in missing.stderr
 

@@ -147,7 +147,7 @@ def _check_entries(path: Path, state) -> None:
     if missing == ["version"]:
         raise CheckpointError(
             f"{path} has no 'version' entry: it looks like a train_seg checkpoint of an older version. If you trust "
-            f"the file, convert it once: python -m train_seg.checkpoint convert {path} <new.pt>, and use the new file."
+            f"the file, convert it once: python -m train_seg.cli.checkpoint convert {path} <new.pt>, and use the new file."
         )
     held = ", ".join(sorted(map(str, state))[:6]) if isinstance(state, dict) else type(state).__name__
     raise CheckpointError(
@@ -179,7 +179,7 @@ def unreadable_message(path: Path, error: Exception) -> str:
         if _looks_like_ours(path):
             return (f"{path} holds Python objects{objects} that the safe loader (torch.load(weights_only=True)) "
                     "refuses: it looks like a train_seg checkpoint of an older version. If you trust the file, convert "
-                    f"it once: python -m train_seg.checkpoint convert {path} <new.pt>, and use the new file.")
+                    f"it once: python -m train_seg.cli.checkpoint convert {path} <new.pt>, and use the new file.")
         return (f"{path} is a PyTorch file that the safe loader (torch.load(weights_only=True)) refuses: it holds "
                 f"Python objects{objects}, so it is not a train_seg checkpoint. Pass a last.pt / best.pt written by "
                 "training.")
@@ -351,24 +351,3 @@ def convert(old: str | Path, new: str | Path) -> Path:
     atomic_write(new, lambda handle: torch.save(state, handle), binary=True)
     read_checkpoint(new)
     return new
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m train_seg.checkpoint convert OLD NEW``: see ``convert``."""
-    import sys
-
-    from train_seg.config.command_line import exit_with_user_error
-
-    args = sys.argv[1:] if argv is None else list(argv)
-    if len(args) != 3 or args[0] != "convert":
-        print("usage: python -m train_seg.checkpoint convert OLD.pt NEW.pt  (an older train_seg checkpoint -> one "
-              "torch.load(weights_only=True) reads; run it on files you trust only)", file=sys.stderr)
-        sys.exit(2)
-    try:
-        print(f"converted {args[1]} -> {convert(args[1], args[2])}")
-    except CheckpointError as exc:
-        exit_with_user_error("train_seg.checkpoint", exc)
-
-
-if __name__ == "__main__":
-    main()

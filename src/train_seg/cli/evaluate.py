@@ -41,7 +41,8 @@ from train_seg.data.class_stats import compute_class_stats
 from train_seg.reporting.events import EvalResult
 from train_seg.engine.loop import LoopSettings
 from train_seg.evaluation.loop import evaluate
-from train_seg.evaluation.inference import BLENDS, MODES, _check_scales, infer_logits, slide_stride, to_model_input
+from train_seg.evaluation.inference import InferenceSettings, infer_logits, to_model_input
+from train_seg.cli.args import ACCUMULATE, check, choice, integer, optional
 from train_seg.reporting.sinks.console import format_class_table, precision_name, starved_note
 
 log = logging.getLogger("train_seg")
@@ -49,18 +50,17 @@ log = logging.getLogger("train_seg")
 PROG = "train_seg.cli.evaluate"
 SPLITS = ("val", "train", "test")
 RESOLUTIONS = ("original", "pipeline")
-ACCUMULATE = ("device", "cpu")
 CONFUSION_CSV, CONFUSION_PNG = "confusion.csv", "confusion.png"
 
 
 @dataclass(frozen=True)
 class Options:
-    """The checked keys of configs/evaluate.yaml (``infer``: the keyword arguments of ``infer_logits``)."""
+    """The checked keys of configs/evaluate.yaml."""
 
     ckpt: str
     split: str
     resolution: str
-    infer: dict
+    infer: InferenceSettings
     accumulate: str
     batch_size: int | None
     num_workers: int
@@ -71,51 +71,21 @@ class Options:
     output_dir: Path
 
 
-def _choice(key: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}.")
-    return value
-
-
-def _count(key: str, value, low: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key}={value!r}: must be an integer >= {low}{' or null' if allow_none else ''}.")
-    return value
-
-
-def _inference_kwargs(cfg) -> dict:
-    inference = OmegaConf.to_container(cfg.inference, resolve=True)
-    tta = OmegaConf.to_container(cfg.tta, resolve=True)
-    mode = _choice("inference.mode", inference["mode"], MODES)
-    blend = _choice("inference.blend", inference["blend"], BLENDS)
-    try:
-        if mode == "slide":
-            slide_stride(inference["window"], inference["stride"], inference["overlap"])
-    except ValueError as exc:
-        raise ConfigError(f"inference.{exc}") from exc
-    try:
-        scales = list(_check_scales(tta["scales"]))
-    except ValueError as exc:
-        raise ConfigError(f"tta.{exc}") from exc
-    if not isinstance(tta["flip"], bool):
-        raise ConfigError(f"tta.flip={tta['flip']!r}: use true or false.")
-    return {"mode": mode, "window": inference["window"], "stride": inference["stride"],
-            "overlap": inference["overlap"], "blend": blend, "flip": tta["flip"], "scales": scales}
-
-
 def read_options(cfg) -> Options:
-    """The config's keys, checked (``ConfigError`` naming the key and the fix)."""
+    """The config's keys, checked with the converters of ``train_seg.cli.args`` (``ConfigError`` naming the key)."""
     if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt in (None, ""):
         raise ConfigError("ckpt is required: ckpt=<checkpoint file (best.pt / last.pt) or run directory>, e.g. "
                           "`python -m train_seg.cli.evaluate ckpt=outputs/2026-11-22/09-00-00`.")
+    inference = OmegaConf.to_container(cfg.inference, resolve=True)
+    tta = OmegaConf.to_container(cfg.tta, resolve=True)
+    names = {"flip": "tta.flip", "scales": "tta.scales", **{k: f"inference.{k}" for k in inference}}
     return Options(
-        ckpt=str(cfg.ckpt), split=_choice("split", cfg.split, SPLITS),
-        resolution=_choice("resolution", cfg.resolution, RESOLUTIONS), infer=_inference_kwargs(cfg),
-        accumulate=_choice("inference.accumulate", cfg.inference.get("accumulate", "device"), ACCUMULATE),
-        batch_size=_count("batch_size", cfg.batch_size, 1, allow_none=True),
-        num_workers=_count("num_workers", cfg.num_workers, 0), device=str(cfg.device),
+        ckpt=str(cfg.ckpt), split=check("split", cfg.split, choice(*SPLITS)),
+        resolution=check("resolution", cfg.resolution, choice(*RESOLUTIONS)),
+        infer=InferenceSettings.from_mapping({**inference, **tta}, names=names),
+        accumulate=check("inference.accumulate", inference.get("accumulate", "device"), choice(*ACCUMULATE)),
+        batch_size=check("batch_size", cfg.batch_size, optional(integer(1))),
+        num_workers=check("num_workers", cfg.num_workers, integer(0)), device=str(cfg.device),
         precision=None if cfg.precision is None else str(cfg.precision),
         channels_last=None if cfg.channels_last is None else bool(cfg.channels_last),
         progress=bool(cfg.progress), output_dir=Path(str(cfg.output_dir)),
@@ -215,29 +185,13 @@ def run_settings(options: Options, meta: CheckpointMeta, device: torch.device) -
     return amp_dtype, channels_last, batch_size
 
 
-def _resolve_device(spec: str) -> torch.device:
-    try:
-        return resolve_device(spec)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("trainer.device", "device")) from exc
-
-
-def _refuse_existing(output_dir: Path) -> None:
-    names = (record.FILENAME, CONFUSION_CSV, CONFUSION_PNG, "last.pt")
-    taken = [name for name in names if (output_dir / name).exists()]
-    if taken:
-        raise ConfigError(
-            f"output_dir {output_dir} already holds {', '.join(taken)} (an earlier evaluation or a training run), "
-            "which this evaluation would overwrite. Leave output_dir at its default (a new timestamped directory under "
-            "outputs/evaluate/) or choose a new one."
-        )
-
-
 def evaluate_checkpoint(cfg) -> dict:
     """The whole command on a composed configs/evaluate.yaml: returns the metrics.json record written (a dict)."""
     options = read_options(cfg)
-    _refuse_existing(options.output_dir)
-    device = _resolve_device(options.device)
+    record.refuse_existing(options.output_dir, (record.FILENAME, CONFUSION_CSV, CONFUSION_PNG, "last.pt"),
+                           "an earlier evaluation or a training run", "Leave output_dir at its default (a new "
+                           "timestamped directory under outputs/evaluate/) or choose a new one.")
+    device = resolve_device(options.device, key="device")
     model, meta, state = open_checkpoint(options.ckpt, device)
     amp_dtype, channels_last, batch_size = run_settings(options, meta, device)
     if channels_last:
@@ -252,14 +206,14 @@ def evaluate_checkpoint(cfg) -> dict:
     rare = torch.as_tensor(np.asarray(share) < float(meta.config.get("rare_share", 0.01)))
     accumulate = torch.device("cpu") if options.accumulate == "cpu" else device
     infer = partial(infer_logits, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
-                    accumulate_device=accumulate, **options.infer)
+                    accumulate_device=accumulate, **options.infer.kwargs())
     settings = LoopSettings(device=device, amp_dtype=amp_dtype, channels_last=channels_last, progress=options.progress)
     confusion = evaluate(model, make_loader(options, meta, source, batch_size), meta.num_classes, settings,
                          desc=f"evaluate {options.split}", infer=infer, confusion_device=accumulate).matrix.cpu()
     result = EvalResult(meta.epoch or 0, meta.step or 0, confusion, meta.class_names, share, rare)
     info = {"checkpoint": str(meta.path.resolve()), "dataset": name, "split": options.split,
-            "resolution": options.resolution, "images": len(source), **options.infer,
-            "batch_size": batch_size if options.resolution == "pipeline" or options.infer["mode"] == "slide" else 1,
+            "resolution": options.resolution, "images": len(source), **options.infer.kwargs(),
+            "batch_size": batch_size if options.resolution == "pipeline" or options.infer.mode == "slide" else 1,
             "device": str(device), "precision": precision_name(amp_dtype), "channels_last": channels_last}
     _report(result, meta, info)
     payload = evaluation_record(result, meta, state, train_stats, info)

@@ -1,20 +1,21 @@
-"""``python -m train_seg.cli.export ckpt=<file | run dir> format=onnx|torchscript output=<file> [key=value ...]``
+"""``python -m train_seg.cli.export --ckpt <file | run dir> --format onnx|torchscript --output <file> [options]``
 (``train-seg-export``): a checkpoint's model as one self-describing file for deployment without train_seg.
 
 The exported model is ``LogitsOnly(model)``: input ``input``, float32 ``(N, 3, H, W)`` normalised as the
 checkpoint's val pipeline does; output ``logits``, float32 ``(N, K, H, W)`` at the input's size (K = 1 for a binary
-head). Batch, height and width are dynamic; the auxiliary head is dropped. ``format=onnx``: the TorchScript-based
-exporter (``dynamo=False``), traced at ``sample_size``, opset ``opset``, metadata as JSON strings in
-``metadata_props`` (needs ``pip install 'train_seg[export]'``). ``format=torchscript``: ``torch.jit.script``,
+head). Batch, height and width are dynamic; the auxiliary head is dropped. ``--format onnx``: the TorchScript-based
+exporter (``dynamo=False``), traced at ``--sample-size``, opset ``--opset``, metadata as JSON strings in
+``metadata_props`` (needs ``pip install 'train_seg[export]'``). ``--format torchscript``: ``torch.jit.script``,
 metadata as ``train_seg.json`` in ``_extra_files``.
 
-Unless ``verify=false`` the exported bytes are reloaded and run at another size and batch than the trace, and must
+Unless ``--no-verify`` the exported bytes are reloaded and run at another size and batch than the trace, and must
 match eager PyTorch to ``1e-4 * max(1, max |logit|)``; only then is the file written (atomically). Exit status: 0
 written, 1 verification failed (nothing written), 2 bad arguments, checkpoint, missing extra or existing output
-(unless ``overwrite=true``), before any export. Details: README.md, "Export a model".
+(unless ``--overwrite``), before any export. Details: README.md, "Export a model".
 """
 from __future__ import annotations
 
+import argparse
 import inspect
 import io
 import json
@@ -29,7 +30,8 @@ from torch import nn
 
 from train_seg.config.command_line import USER_ERRORS, exit_with_user_error
 from train_seg.config.validation import ConfigError
-from train_seg.cli.predict import REQUIRED, Key, boolean, choice, integer, parse_key_values, text, write_file
+from train_seg.cli import args
+from train_seg.cli.predict import write_file
 
 PROG = "train_seg.cli.export"
 FORMATS = ("onnx", "torchscript")
@@ -39,18 +41,6 @@ DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: 
 METADATA_VERSION = 1
 TOLERANCE = 1e-4  # of max(1, max |logit|)
 EXTRA_HINT = "pip install 'train_seg[export]'"
-
-KEYS = {
-    "ckpt": Key(text, REQUIRED, "checkpoint file (best.pt / last.pt) or run directory (its best.pt, else last.pt)"),
-    "format": Key(choice(*FORMATS), REQUIRED, "onnx | torchscript"),
-    "output": Key(text, REQUIRED, "the file to write (e.g. model.onnx, model.pt)"),
-    "overwrite": Key(boolean, False, "replace an existing output file"),
-    "opset": Key(integer(11), 17, "onnx: ONNX opset version"),
-    "sample_size": Key(integer(16), 256, "side of the example input the ONNX exporter traces (sizes stay dynamic)"),
-    "verify": Key(boolean, True, "run the exported file against eager PyTorch before writing it"),
-}
-SYNOPSIS = "ckpt=<file | run dir> format=onnx|torchscript output=<file> [key=value ...]"
-
 
 class ExportVerificationError(RuntimeError):
     """The exported model does not give eager PyTorch's logits."""
@@ -110,8 +100,8 @@ def require_onnx(verify: bool):
         if verify:
             import onnxruntime as ort
     except ImportError as exc:
-        raise ConfigError(f"format=onnx needs the optional packages onnx and onnxruntime ({exc}): {EXTRA_HINT}"
-                          " (or format=torchscript, which needs neither).") from exc
+        raise ConfigError(f"--format onnx needs the optional packages onnx and onnxruntime ({exc}): {EXTRA_HINT}"
+                          " (or --format torchscript, which needs neither).") from exc
     return onnx, ort
 
 
@@ -192,16 +182,35 @@ class Options:
     verify: bool
 
 
-def read_options(argv: Sequence[str]) -> Options:
-    v = parse_key_values(argv, KEYS, PROG, SYNOPSIS)
-    output = Path(v["output"]).expanduser()
+def parser() -> args.Parser:
+    """The command line of ``python -m train_seg.cli.export``."""
+    p = args.make_parser(PROG, "A checkpoint's model as one self-describing ONNX or TorchScript file, verified "
+                               "against eager PyTorch before it is written.",
+                         "Exit status: 0 written, 1 verification failed (nothing written), 2 bad input (nothing "
+                         "written).")
+    args.add_checkpoint(p)
+    p.add_argument("--format", type=args.choice(*FORMATS), required=True, help="onnx | torchscript")
+    p.add_argument("--output", type=args.text, required=True, metavar="FILE",
+                   help="the file to write (e.g. model.onnx, model.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--opset", type=args.integer(11), default=17, help="onnx: ONNX opset version (default: 17)")
+    p.add_argument("--sample-size", type=args.integer(16), default=256, metavar="PX",
+                   help="side of the example input the ONNX exporter traces; sizes stay dynamic (default: 256)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the exported file against eager PyTorch before writing it (default: on)")
+    return p
+
+
+def read_options(argv: Sequence[str] | None) -> Options:
+    v = parser().parse_args(argv)
+    output = Path(v.output).expanduser()
     if output.is_dir():
-        raise ConfigError(f"output={output} is a folder; give a file name (e.g. {output / 'model.onnx'}).")
-    if (output.exists() or output.is_symlink()) and not v["overwrite"]:
-        raise ConfigError(f"output={output} already exists; pass overwrite=true to replace it, or choose another "
+        raise ConfigError(f"--output {output} is a folder; give a file name (e.g. {output / 'model.onnx'}).")
+    if (output.exists() or output.is_symlink()) and not v.overwrite:
+        raise ConfigError(f"--output {output} already exists; pass --overwrite to replace it, or choose another "
                           "file name. Nothing was written.")
-    return Options(ckpt=v["ckpt"], format=v["format"], output=output, overwrite=v["overwrite"], opset=v["opset"],
-                   sample_size=v["sample_size"], verify=v["verify"])
+    return Options(ckpt=v.ckpt, format=v.format, output=output, overwrite=v.overwrite, opset=v.opset,
+                   sample_size=v.sample_size, verify=v.verify)
 
 
 def verify_export(data: bytes, fmt: str, module, sample_size: int) -> float:
@@ -217,7 +226,7 @@ def verify_export(data: bytes, fmt: str, module, sample_size: int) -> float:
         raise ExportVerificationError(
             f"the {fmt} export gives other logits than PyTorch on a (2, 3, {size[0]}, {size[1]}) input: output shape "
             f"{got.shape} vs {expected.shape}, largest difference {error:.3g} (tolerance {TOLERANCE * scale:.3g}). "
-            "Nothing was written; try another opset=, or format=torchscript.")
+            "Nothing was written; try another --opset, or --format torchscript.")
     return error
 
 
@@ -245,7 +254,7 @@ def export_checkpoint(options: Options) -> tuple[dict, float | None]:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """``python -m train_seg.cli.export`` / ``train-seg-export``; exit status 0, 1 (verification failed) or 2."""
     try:
-        options = read_options(sys.argv[1:] if argv is None else argv)
+        options = read_options(argv)
         metadata, error = export_checkpoint(options)
     except ExportVerificationError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

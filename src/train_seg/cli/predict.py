@@ -1,30 +1,31 @@
-"""``python -m train_seg.cli.predict ckpt=<file | run dir> input=<image | folder | glob> output=<dir> [key=value ...]``
-(``train-seg-predict``): label masks, colour overlays and optionally class probabilities of images, with a trained
-checkpoint, through ``train_seg.evaluation.inference``.
+"""``python -m train_seg.cli.predict --ckpt <file | run dir> --input <image | folder | glob> --output <dir>
+[options]`` (``train-seg-predict``): label masks, colour overlays and optionally class probabilities of images,
+with a trained checkpoint, through ``train_seg.evaluation.inference.predict``.
 
-Arguments are ``key=value`` pairs with evaluate's key names, parsed here rather than by Hydra so that any file name
-can be passed as it is and nothing but the requested files is written; ``input=`` may repeat; ``--help`` lists keys.
-Per input image, in ``output``: ``<stem>_mask.png`` (class indices, palette PNG; 16-bit grey above 256 classes),
-``<stem>_overlay.png`` (``(1 - alpha) * image + alpha * colour``) and, with ``save_probs=true``, ``<stem>_probs.npy``
-(float16 ``(K, H, W)`` softmax), all at the input's size. Output names, accepted inputs and image modes: README.md,
-"Predict images".
+Options (``train_seg.cli.args``: evaluate's key names, ``--help`` lists them) take any file name as it is;
+``--input`` may repeat; nothing but the requested files is written. Per input image, in ``--output``:
+``<stem>_mask.png`` (class indices, palette PNG; 16-bit grey above 256 classes), ``<stem>_overlay.png``
+(``(1 - alpha) * image + alpha * colour``) and, with ``--save-probs``, ``<stem>_probs.npy`` (float16 ``(K, H, W)``
+softmax), all at the input's size. Output names, accepted inputs and image modes: README.md, "Predict images".
 
 Exit status: 0 every input predicted; 1 some could not be (each reported by name, the others still written, the
-failures listed at the end); 2 bad arguments, missing inputs, existing outputs (unless ``overwrite=true``) or
+failures listed at the end); 2 bad arguments, missing inputs, existing outputs (unless ``--overwrite``) or
 checkpoint errors, before any inference and before any file is written.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import numpy as np
 
+from train_seg.cli import args
 from train_seg.config.command_line import USER_ERRORS, exit_with_user_error
 from train_seg.config.validation import ConfigError
 
@@ -32,193 +33,37 @@ PROG = "train_seg.cli.predict"
 MASK_SUFFIX, OVERLAY_SUFFIX, PROBS_SUFFIX = "_mask.png", "_overlay.png", "_probs.npy"
 MAX_LISTED = 10  # files named in one error message before "... and N more"
 GLOB_CHARS = "*?["
+ARGUMENT_NAMES = {"window": "--inference-window", "stride": "--inference-stride", "overlap": "--inference-overlap"}
 
 
-# -- key=value arguments ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Key:
-    """One command-line key: its converter (``raw text -> value``, raising ``ConfigError``), default and help."""
-
-    convert: Callable[[str, str], object]
-    default: object
-    help: str
-    repeat: bool = False  # may be given several times (a list of values)
-
-
-class Required:
-    """The default of a key that must be given."""
-
-    def __repr__(self) -> str:
-        return "(required)"
-
-
-REQUIRED = Required()
-
-
-def _is_null(raw: str) -> bool:
-    return raw.strip().lower() in ("null", "none", "~")
-
-
-def text(key: str, raw: str) -> str:
-    if raw == "":
-        raise ConfigError(f"{key}= is empty; give a value.")
-    return raw
-
-
-def boolean(key: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("true", "yes", "on", "1"):
-        return True
-    if value in ("false", "no", "off", "0"):
-        return False
-    raise ConfigError(f"{key}={raw!r}: use true or false.")
-
-
-def optional(convert: Callable[[str, str], object]) -> Callable[[str, str], object]:
-    """``convert``, or None for ``null``."""
-    return lambda key, raw: None if _is_null(raw) else convert(key, raw)
-
-
-def _items(raw: str) -> list[str]:
-    body = raw.strip()
-    if body.startswith("[") and body.endswith("]"):
-        body = body[1:-1]
-    return [item.strip() for item in body.split(",")] if body.strip() else []
-
-
-def integer(low: int) -> Callable[[str, str], int]:
-    def convert(key: str, raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise ConfigError(f"{key}={raw!r}: must be an integer >= {low}.")
-        return value
-
-    return convert
-
-
-def number(low: float, high: float) -> Callable[[str, str], float]:
-    def convert(key: str, raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            value = float("nan")
-        if not low <= value <= high:
-            raise ConfigError(f"{key}={raw!r}: must be a number in [{low:g}, {high:g}].")
-        return value
-
-    return convert
-
-
-def pixels(key: str, raw: str):
-    """A side in pixels (``512``) or ``[height, width]``."""
-    items = _items(raw)
-    try:
-        values = [int(item) for item in items]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values) < 1:
-        raise ConfigError(f"{key}={raw!r}: expected a positive number of pixels or [height,width].")
-    return values[0] if len(values) == 1 else values
-
-
-def scales(key: str, raw: str) -> list[float]:
-    from train_seg.evaluation.inference import _check_scales
-
-    try:
-        return list(_check_scales([float(item) for item in _items(raw)]))
-    except ValueError as exc:
-        raise ConfigError(f"{key}={raw!r}: expected a non-empty list of positive numbers, e.g. "
-                          "'tta.scales=[0.75,1.0,1.25]'.") from exc
-
-
-def choice(*choices: str) -> Callable[[str, str], str]:
-    def convert(key: str, raw: str) -> str:
-        if raw not in choices:
-            raise ConfigError(f"{key}={raw!r} is not valid; choose one of {', '.join(choices)}.")
-        return raw
-
-    return convert
-
-
-def _shown(value) -> str:
-    """A default as it is written on the command line (``true``, ``null``, ``[1.0]``)."""
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    return f"[{','.join(map(str, value))}]" if isinstance(value, (list, tuple)) else str(value)
-
-
-def usage(prog: str, synopsis: str, keys: Mapping[str, Key]) -> str:
-    width = max(len(k) for k in keys) + 2
-    lines = [f"usage: python -m {prog} {synopsis}", "", "keys (key=value):"]
-    for name, key in keys.items():
-        default = "" if key.default is REQUIRED else f" (default: {_shown(key.default)})"
-        lines.append(f"  {name:<{width}}{key.help}{default}{' (repeatable)' if key.repeat else ''}")
-    return "\n".join(lines)
-
-
-def parse_key_values(argv: Sequence[str], keys: Mapping[str, Key], prog: str, synopsis: str) -> dict:
-    """``key=value`` arguments -> ``{key: converted value}`` (defaults filled in). ``-h``/``--help`` prints the keys
-    and exits 0. An unknown key, a missing ``=``, a bad value or a missing required key raises ``ConfigError``.
-    Hydra's ``+key=`` / ``++key=`` spellings are accepted."""
-    given: dict[str, list[str]] = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(usage(prog, synopsis, keys))
-            sys.exit(0)
-        name, sep, raw = arg.partition("=")
-        name = name.lstrip("+")
-        if not sep or name not in keys:
-            what = f"unknown key {name!r}" if sep else f"{arg!r} is not key=value"
-            raise ConfigError(f"{what}; the keys are {', '.join(keys)} (see --help).")
-        if name in given and not keys[name].repeat:
-            raise ConfigError(f"{name} is given twice ({given[name][0]!r} and {raw!r}); give it once.")
-        given.setdefault(name, []).append(raw)
-    values = {}
-    for name, key in keys.items():
-        if name not in given:
-            if key.default is REQUIRED:
-                raise ConfigError(f"{name} is required: {name}=... ({key.help}; see --help).")
-            values[name] = list(key.default) if key.repeat else key.default
-            continue
-        converted = [key.convert(name, raw) for raw in given[name]]
-        values[name] = converted if key.repeat else converted[0]
-    return values
-
-
-KEYS = {
-    "ckpt": Key(text, REQUIRED, "checkpoint file (best.pt / last.pt) or run directory (its best.pt, else last.pt)"),
-    "input": Key(text, REQUIRED, "an image, a folder of images or a quoted glob ('data/*.png')", repeat=True),
-    "output": Key(text, REQUIRED, "folder for <stem>_mask.png, <stem>_overlay.png, <stem>_probs.npy (created)"),
-    "overwrite": Key(boolean, False, "replace output files that already exist (else: refused before any work)"),
-    "save_probs": Key(boolean, False, "also write <stem>_probs.npy: float16 class probabilities (K, H, W)"),
-    "alpha": Key(number(0.0, 1.0), 0.5, "overlay opacity of the class colours over the image, in [0, 1]"),
-    "recursive": Key(boolean, False, "a folder input: also the images of its subfolders"),
-    "inference.mode": Key(choice("whole", "slide"), "whole", "whole: one forward pass per image | slide: windows"),
-    "inference.window": Key(pixels, 512, "slide: window side in pixels, or [height,width]"),
-    "inference.stride": Key(optional(pixels), None, "slide: step between windows (or [h,w]); null = "
-                                                     "window * (1 - overlap)"),
-    "inference.overlap": Key(number(0.0, 1.0), 0.5, "slide: share of a window its neighbour covers, in [0, 1)"),
-    "inference.blend": Key(choice("uniform", "gaussian"), "uniform", "slide: uniform | gaussian window weights"),
-    "inference.accumulate": Key(choice("device", "cpu"), "device", "device | cpu: where the logit sums live"),
-    "tta.flip": Key(boolean, False, "also infer the horizontally flipped image (logits averaged)"),
-    "tta.scales": Key(scales, [1.0], "input scales, e.g. [0.75,1.0,1.25] (logits averaged)"),
-    "batch_size": Key(optional(integer(1)), None, "slide: windows per forward pass; null = the checkpoint's "
-                                                  "trainer.val_batch_size"),
-    "device": Key(text, "auto", "auto | cpu | cuda | cuda:N"),
-    "precision": Key(optional(text), None, "null = the checkpoint's trainer.precision; or auto | 32 | 16-mixed | "
-                                           "bf16-mixed"),
-    "channels_last": Key(optional(boolean), None, "null = the checkpoint's trainer.channels_last"),
-    "progress": Key(boolean, True, "tqdm progress bar (on stderr)"),
-}
-SYNOPSIS = "ckpt=<file | run dir> input=<image | folder | glob> output=<dir> [key=value ...]"
+def parser() -> args.Parser:
+    """The command line of ``python -m train_seg.cli.predict``."""
+    p = args.make_parser(PROG, "Label masks, colour overlays and optionally class probabilities of images, with a "
+                               "trained checkpoint.",
+                         "Exit status: 0 every input predicted, 1 some inputs failed (the others written), 2 bad "
+                         "input (nothing written).")
+    args.add_checkpoint(p)
+    p.add_argument("--input", type=args.text, action="append", required=True, metavar="PATH",
+                   help="an image, a folder of images or a quoted glob ('data/*.png'); may repeat")
+    p.add_argument("--output", type=args.text, required=True, metavar="DIR",
+                   help="folder for <stem>_mask.png, <stem>_overlay.png, <stem>_probs.npy (created)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist (else: refused "
+                                                            "before any work)")
+    p.add_argument("--save-probs", action="store_true", help="also write <stem>_probs.npy: float16 class "
+                                                             "probabilities (K, H, W)")
+    p.add_argument("--alpha", type=args.number(0.0, 1.0), default=0.5,
+                   help="overlay opacity of the class colours over the image, in [0, 1] (default: 0.5)")
+    p.add_argument("--recursive", action="store_true", help="a folder input: also the images of its subfolders")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bar on stderr (default: on)")
+    args.add_inference(p)
+    args.add_device(p)
+    return p
 
 
 @dataclass(frozen=True)
 class Options:
-    """The checked keys (``infer``: keyword arguments of ``train_seg.evaluation.inference.infer_logits``)."""
+    """The checked command line."""
 
     ckpt: str
     inputs: tuple[str, ...]
@@ -227,7 +72,7 @@ class Options:
     save_probs: bool
     alpha: float
     recursive: bool
-    infer: dict
+    infer: object  # train_seg.evaluation.inference.InferenceSettings
     accumulate: str
     batch_size: int | None
     device: str
@@ -236,24 +81,17 @@ class Options:
     progress: bool
 
 
-def read_options(argv: Sequence[str]) -> Options:
-    """The command line, checked (``ConfigError`` naming the key and the fix)."""
-    from train_seg.evaluation.inference import slide_stride
+def read_options(argv: Sequence[str] | None) -> Options:
+    """The command line, checked (a bad one exits 2; ``ConfigError`` naming the option and the fix)."""
+    from train_seg.evaluation.inference import InferenceSettings
 
-    v = parse_key_values(argv, KEYS, PROG, SYNOPSIS)
-    infer = {"mode": v["inference.mode"], "window": v["inference.window"], "stride": v["inference.stride"],
-             "overlap": v["inference.overlap"], "blend": v["inference.blend"], "flip": v["tta.flip"],
-             "scales": v["tta.scales"]}
-    if infer["mode"] == "slide":
-        try:
-            slide_stride(infer["window"], infer["stride"], infer["overlap"])
-        except ValueError as exc:
-            raise ConfigError(f"inference.{exc}") from exc
+    v = parser().parse_args(argv)
+    infer = InferenceSettings.from_mapping(vars(v), names=ARGUMENT_NAMES)
     return Options(
-        ckpt=v["ckpt"], inputs=tuple(v["input"]), output=Path(v["output"]).expanduser(), overwrite=v["overwrite"],
-        save_probs=v["save_probs"], alpha=v["alpha"], recursive=v["recursive"], infer=infer,
-        accumulate=v["inference.accumulate"], batch_size=v["batch_size"], device=v["device"],
-        precision=v["precision"], channels_last=v["channels_last"], progress=v["progress"],
+        ckpt=v.ckpt, inputs=tuple(v.input), output=Path(v.output).expanduser(), overwrite=v.overwrite,
+        save_probs=v.save_probs, alpha=v.alpha, recursive=v.recursive, infer=infer, accumulate=v.accumulate,
+        batch_size=v.batch_size, device=v.device, precision=v.precision, channels_last=v.channels_last,
+        progress=v.progress,
     )
 
 
@@ -276,24 +114,24 @@ def _folder_files(folder: Path, recursive: bool) -> list[Path]:
 
 
 def expand_input(spec: str, recursive: bool, output: Path) -> list[Path]:
-    """The files of one ``input=``: a file, a folder's files, or a glob's matches (``ConfigError`` if none)."""
+    """The files of one ``--input``: a file, a folder's files, or a glob's matches (``ConfigError`` if none)."""
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
         files = [p for p in _folder_files(path, recursive) if not earlier_output(p, output)]
         if not files:
-            hint = "" if recursive else " (recursive=true also reads its subfolders)"
-            raise ConfigError(f"input={spec}: the folder {path} holds no files (but earlier outputs){hint}.")
+            hint = "" if recursive else " (--recursive also reads its subfolders)"
+            raise ConfigError(f"--input {spec}: the folder {path} holds no files (but earlier outputs){hint}.")
         return files
     if any(char in spec for char in GLOB_CHARS):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
         files = [p for p in files if not earlier_output(p, output)]
         if not files:
-            raise ConfigError(f"input={spec}: the pattern matches no file (quote it so that the shell passes it "
+            raise ConfigError(f"--input {spec}: the pattern matches no file (quote it so that the shell passes it "
                               "as it is; '**' matches subfolders).")
         return files
-    raise ConfigError(f"input={spec}: no such file or folder (looked at {path.absolute()}).")
+    raise ConfigError(f"--input {spec}: no such file or folder (looked at {path.absolute()}).")
 
 
 def collect_inputs(specs: Sequence[str], recursive: bool, output: Path) -> list[Path]:
@@ -344,7 +182,7 @@ def plan_jobs(options: Options) -> list[Job]:
     and outputs that already exist unless ``overwrite`` — before anything is read or written."""
     output = options.output
     if output.exists() and not output.is_dir():
-        raise ConfigError(f"output={output} is a file; give a folder (it is created if missing).")
+        raise ConfigError(f"--output {output} is a file; give a folder (it is created if missing).")
     sources = collect_inputs(options.inputs, options.recursive, output)
     jobs = [Job(source, output / f"{stem}{MASK_SUFFIX}", output / f"{stem}{OVERLAY_SUFFIX}",
                 output / f"{stem}{PROBS_SUFFIX}" if options.save_probs else None)
@@ -357,11 +195,11 @@ def plan_jobs(options: Options) -> list[Job]:
     inputs = {s.resolve() for s in sources}
     clobbered = [p for job in jobs for p in job.outputs if p.resolve() in inputs]
     if clobbered:
-        raise ConfigError(f"outputs would replace input images: {_listed(clobbered)}; choose another output=.")
+        raise ConfigError(f"outputs would replace input images: {_listed(clobbered)}; choose another --output.")
     taken = [p for job in jobs for p in job.outputs if p.exists() or p.is_symlink()]
     if taken and not options.overwrite:
-        raise ConfigError(f"output={output}: {len(taken)} of the files this run would write already exist: "
-                          f"{_listed(taken)}. Nothing was written; pass overwrite=true to replace them, or choose "
+        raise ConfigError(f"--output {output}: {len(taken)} of the files this run would write already exist: "
+                          f"{_listed(taken)}. Nothing was written; pass --overwrite to replace them, or choose "
                           "another output folder.")
     return jobs
 
@@ -430,10 +268,10 @@ def write_outputs(job: Job, image: np.ndarray, mask: np.ndarray, probabilities: 
         write_file(job.probs, lambda f: np.save(f, probabilities.astype(np.float16)))
 
 
-# -- running it -------------------------------------------------------------------------------------------------
+# -- running it ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Predictor:
-    """A loaded model and how to run it."""
+class Loaded:
+    """A checkpoint's model on its device, with the run settings ``train_seg.evaluation.inference.predict`` takes."""
 
     model: object
     meta: object
@@ -442,22 +280,18 @@ class Predictor:
     channels_last: bool
     batch_size: int
     accumulate: object
-    infer: dict
+    infer: object
 
-    def __call__(self, image: np.ndarray, with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(mask (H, W) int64, probabilities (K, H, W) float32 or None)`` at the image's size."""
-        from train_seg.evaluation.inference import class_probabilities, infer_logits, to_model_input
-        from train_seg.evaluation.metrics import predictions
+    def predict(self, image: np.ndarray, with_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """``inference.predict`` of one image with these settings."""
+        from train_seg.evaluation.inference import predict
 
-        logits = infer_logits(self.model, to_model_input(image, self.meta), self.device, self.amp_dtype,
-                              self.channels_last, batch_size=self.batch_size, accumulate_device=self.accumulate,
-                              **self.infer)
-        mask = predictions(logits)[0].cpu().numpy()
-        probabilities = class_probabilities(logits[0]).cpu().numpy() if with_probabilities else None
-        return mask, probabilities
+        return predict(self.model, image, self.meta, settings=self.infer, batch_size=self.batch_size,
+                       device=self.device, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
+                       accumulate_device=self.accumulate, probabilities=with_probabilities)
 
 
-def load_predictor(options: Options) -> Predictor:
+def load_model(options: Options) -> Loaded:
     """The checkpoint's model on the device, with the run settings (``CheckpointError`` / ``ConfigError``)."""
     import torch
 
@@ -465,26 +299,23 @@ def load_predictor(options: Options) -> Predictor:
     from train_seg.cli.evaluate import run_settings
     from train_seg.checkpoint import load_checkpoint_model
 
-    try:
-        device = resolve_device(options.device)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("trainer.device", "device")) from exc
+    device = resolve_device(options.device, key="--device")
     model, meta = load_checkpoint_model(options.ckpt, device)
     amp_dtype, channels_last, batch_size = run_settings(options, meta, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     accumulate = torch.device("cpu") if options.accumulate == "cpu" else device
-    return Predictor(model, meta, device, amp_dtype, channels_last, batch_size, accumulate, options.infer)
+    return Loaded(model, meta, device, amp_dtype, channels_last, batch_size, accumulate, options.infer)
 
 
-def predict_one(job: Job, predictor: Predictor, colours: np.ndarray, alpha: float) -> str | None:
+def predict_one(job: Job, loaded: Loaded, colours: np.ndarray, alpha: float) -> str | None:
     """Reads, predicts and writes one input; returns None, or why it failed."""
     try:
         image = read_image(job.source)
     except ImageReadError as exc:
         return str(exc)
     try:
-        mask, probabilities = predictor(image, job.probs is not None)
+        mask, probabilities = loaded.predict(image, job.probs is not None)
     except (ValueError, RuntimeError, MemoryError) as exc:  # an unsupported array, out of memory...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
         return f"inference failed ({type(exc).__name__}: {first})"
@@ -495,19 +326,19 @@ def predict_one(job: Job, predictor: Predictor, colours: np.ndarray, alpha: floa
     return None
 
 
-def run_jobs(jobs: Sequence[Job], predictor: Predictor, options: Options) -> list[tuple[Path, str]]:
+def run_jobs(jobs: Sequence[Job], loaded: Loaded, options: Options) -> list[tuple[Path, str]]:
     """Every job, with a progress bar; failures are reported on stderr as they happen and returned."""
     from tqdm import tqdm  # not tqdm.auto (as evaluate.py)
 
     from train_seg.reporting.overlays import class_palette
 
-    meta = predictor.meta
+    meta = loaded.meta
     colours = class_palette(meta.palette, meta.num_classes)
     options.output.mkdir(parents=True, exist_ok=True)
     failures = []
     bar = tqdm(jobs, desc="predict", unit="image", disable=not options.progress, dynamic_ncols=True)
     for job in bar:
-        reason = predict_one(job, predictor, colours, options.alpha)
+        reason = predict_one(job, loaded, colours, options.alpha)
         if reason is not None:
             failures.append((job.source, reason))
             tqdm.write(f"{PROG}: {job.source}: {reason}", file=sys.stderr)
@@ -515,15 +346,15 @@ def run_jobs(jobs: Sequence[Job], predictor: Predictor, options: Options) -> lis
     return failures
 
 
-def describe(predictor: Predictor, count: int, options: Options) -> str:
+def describe(loaded: Loaded, count: int, options: Options) -> str:
     from train_seg.reporting.sinks.console import precision_name
 
-    meta, infer = predictor.meta, options.infer
-    tta = f", tta flip={infer['flip']} scales={infer['scales']}" if infer["flip"] or infer["scales"] != [1.0] else ""
-    mode = "whole" if infer["mode"] == "whole" else f"slide (window {infer['window']}, blend {infer['blend']})"
+    meta, infer = loaded.meta, options.infer
+    tta = f", tta flip={infer.flip} scales={list(infer.scales)}" if infer.tta else ""
+    mode = "whole" if infer.mode == "whole" else f"slide (window {infer.window}, blend {infer.blend})"
     return (f"{PROG}: {meta.path} ({meta.arch}, epoch {meta.epoch}, classes {', '.join(meta.class_names)}); "
-            f"{count} input{'s' if count != 1 else ''}; {mode} inference{tta}; {predictor.device}, "
-            f"{precision_name(predictor.amp_dtype)}")
+            f"{count} input{'s' if count != 1 else ''}; {mode} inference{tta}; {loaded.device}, "
+            f"{precision_name(loaded.amp_dtype)}")
 
 
 def finish(failures: Sequence[tuple[Path, str]], total: int, output: Path) -> NoReturn:
@@ -540,13 +371,13 @@ def finish(failures: Sequence[tuple[Path, str]], total: int, output: Path) -> No
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """``python -m train_seg.cli.predict`` / ``train-seg-predict``; exit status 0, 1 (some inputs failed) or 2."""
     try:
-        options = read_options(sys.argv[1:] if argv is None else argv)
+        options = read_options(argv)
         jobs = plan_jobs(options)
-        predictor = load_predictor(options)
+        loaded = load_model(options)
     except USER_ERRORS as exc:
         exit_with_user_error(PROG, exc)
-    print(describe(predictor, len(jobs), options), flush=True)
-    failures = run_jobs(jobs, predictor, options)
+    print(describe(loaded, len(jobs), options), flush=True)
+    failures = run_jobs(jobs, loaded, options)
     finish(failures, len(jobs), options.output)
 
 

@@ -4,11 +4,13 @@ dataset.root=...``). Nothing is trained and no run directory is written (only th
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
 
+from train_seg.cli import args
 from train_seg.config.command_line import USER_ERRORS, compose, exit_with_user_error
+
+PROG = "train_seg.cli.stats"
 
 
 def report(cfg) -> str:
@@ -38,17 +40,22 @@ def report(cfg) -> str:
     ])
 
 
+def parser() -> args.Parser:
+    """The command line of ``python -m train_seg.cli.stats``."""
+    p = args.make_parser(PROG, "Class statistics of the training split and every weighting scheme's class weights, "
+                               "for the same Hydra overrides as training (e.g. dataset=voc "
+                               "dataset.root=/data/VOCdevkit).")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m train_seg")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m train_seg.cli.stats",
-        description="Class statistics of the training split and every weighting scheme's class weights, for the "
-                    "same Hydra overrides as training (e.g. dataset=voc dataset.root=/data/VOCdevkit).")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m train_seg")
-    args = parser.parse_args(argv)
+    """``python -m train_seg.cli.stats`` / ``train-seg-stats``; exit status 0 or 2 (bad input)."""
+    overrides = parser().parse_args(argv).overrides
     try:
-        print(report(compose(args.overrides)))
+        print(report(compose(overrides)))
     except USER_ERRORS as exc:
-        exit_with_user_error("train_seg.cli.stats", exc)
+        exit_with_user_error(PROG, exc)
     return 0
 
 

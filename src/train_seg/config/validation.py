@@ -90,17 +90,18 @@ def _check_head_and_loss(cfg) -> None:
         )
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU. An explicit ``cuda`` without a GPU is an error."""
+def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU. An explicit ``cuda`` without a GPU, or a name that is not a
+    device, is a ``ConfigError`` naming ``key`` (the command's name for the setting)."""
     spec = str(spec)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
     except RuntimeError as exc:
-        raise ConfigError(f"trainer.device={spec!r} is not a device; use auto, cpu, cuda or cuda:N.") from exc
+        raise ConfigError(f"{key}={spec!r} is not a device; use auto, cpu, cuda or cuda:N.") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={spec}: no CUDA device is available here; use trainer.device=auto or cpu.")
+        raise ConfigError(f"{key}={spec}: no CUDA device is available here; use {key}=auto or cpu.")
     return device
 
 

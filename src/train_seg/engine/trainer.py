@@ -25,7 +25,7 @@ from train_seg.engine import runtime as perf
 from train_seg.reporting import record
 from train_seg.checkpoint import CheckpointError, find_checkpoint, read_checkpoint, restore_rng_state
 from train_seg.config.naming import current_job_context
-from train_seg.config.validation import ConfigError, resolve_device, resolve_precision, validate_config
+from train_seg.config.validation import resolve_device, resolve_precision, validate_config
 from train_seg.engine.loop import EpochProgress, LoopSettings, train_one_epoch
 from train_seg.evaluation.loop import evaluate
 from train_seg.reporting.events import Checkpoint, EpochEnd, EvalResult, Sink, TrainLog
@@ -61,7 +61,10 @@ def prepare(cfg, run_dir: str | Path, device: torch.device | None = None) -> Run
     run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's (other ranks' Hydra made none)
     in_place = _resume_in_place(trainer, Path(run_dir))
     if in_place is None:
-        _refuse_existing_run(Path(run_dir))
+        record.refuse_existing(run_dir, ("last.pt", "best.pt", record.FILENAME), "an earlier run",
+                               "Leave hydra.run.dir at its default (a new timestamped directory), choose a new one, or "
+                               f"continue that run with trainer.resume={run_dir} (the resumed run writes into a new "
+                               "directory).")
     settings = loop_settings(trainer, distributed.local_device(device or resolve_device(trainer.device)))
     perf.apply_backend_settings(settings.device, bool(trainer.cudnn_benchmark))
     seed_everything(int(cfg.seed))
@@ -86,15 +89,6 @@ def _resume_in_place(trainer, run_dir: Path) -> Path | None:
     return None
 
 
-def _refuse_existing_run(run_dir: Path) -> None:
-    """A run directory that already holds a run's results is never written into (its checkpoints would be lost)."""
-    taken = [name for name in ("last.pt", "best.pt", record.FILENAME) if (run_dir / name).exists()]
-    if taken:
-        raise ConfigError(
-            f"the run directory {run_dir} already holds an earlier run ({', '.join(taken)}), which this run would "
-            "overwrite. Leave hydra.run.dir at its default (a new timestamped directory), choose a new one, or continue "
-            f"that run with trainer.resume={run_dir} (the resumed run writes into a new directory)."
-        )
 
 
 def _resume(run: Run, path: Path) -> None:
@@ -253,17 +247,18 @@ class _StepHook:
 def eval_inference(trainer: dict, settings: LoopSettings):
     """``infer(model, images)`` for ``engine.evaluate`` from the ``trainer.eval_*`` keys; None = the plain forward
     pass (the default: whole image, no test-time augmentation)."""
-    scales = tuple(float(s) for s in trainer["eval_scales"])
-    if trainer["eval_mode"] == "whole" and not trainer["eval_flip"] and scales == (1.0,):
+    from train_seg.evaluation.inference import InferenceSettings
+
+    inference = InferenceSettings.from_mapping(trainer, prefix="eval_")
+    if inference.plain:
         return None
     from functools import partial
 
     from train_seg.evaluation.inference import infer_logits
 
     return partial(infer_logits, device=settings.device, amp_dtype=settings.amp_dtype,
-                   channels_last=settings.channels_last, mode=trainer["eval_mode"], window=int(trainer["eval_window"]),
-                   overlap=float(trainer["eval_overlap"]), blend=trainer["eval_blend"], flip=bool(trainer["eval_flip"]),
-                   scales=scales, batch_size=int(trainer["val_batch_size"]))
+                   channels_last=settings.channels_last, batch_size=int(trainer["val_batch_size"]),
+                   **inference.kwargs())
 
 
 def _evaluate(run: Run, epoch: int, stop=None) -> EvalResult:

@@ -1,38 +1,18 @@
 """Use a trained model (``train_seg.checkpoint.load_checkpoint_model``): infer logits (whole image, sliding windows,
-test-time augmentation) and predict a label mask from a numpy image. Every forward pass goes through
-``train_seg.evaluation.loop.predict_batch``, the one inference step; everything here is built on it.
+test-time augmentation) and predict a label mask from a numpy image (``predict``, the one prediction function).
+Every forward pass goes through ``train_seg.evaluation.loop.predict_batch``.
 
-Conventions (also in README.md, "Use a trained model"):
-
-* **Model input.** ``(N, 3, H, W)`` float32 normalised exactly as the checkpoint's val pipeline does (its
-  albumentations ``Normalize``: ``(x - mean * max_pixel_value) / (std * max_pixel_value)`` on the uint8 scale, in
-  float32, bit for bit). ``to_model_input`` converts a numpy image: grey ``(H, W)``/``(H, W, 1)`` is repeated to RGB,
-  grey + alpha ``(H, W, 2)`` keeps the grey, RGBA drops the alpha (no compositing); uint8 is taken as is, uint16 is
-  mapped onto the uint8 scale (x * 255 / 65535), float (and bool) images are taken as [0, 1] and multiplied by 255
-  (not clipped). Other dtypes are refused. A val pipeline without ``Normalize`` means x / 255.
-* **Outputs.** Logits are float32, at the input's size (resized with bilinear interpolation if a model's output
-  differs), on the inference device, or on ``accumulate_device`` when given.
-* **Sliding windows** (``slide_logits``). Windows of ``window`` px start every ``stride`` px, the last one flush with
-  the bottom/right border, so every pixel is covered and no window leaves the image. An image smaller than the window
-  is zero-padded at the bottom/right (zero after normalisation is the dataset's mean colour: neutral, and valid at any
-  size, unlike reflection) and the padding is cropped from the result. Windows go through the model
-  ``batch_size`` at a time; their float32 logits, times an importance map (``uniform``: 1; ``gaussian``: a Gaussian
-  of sigma = window / 8 centred on the window, 1 at the centre, about 1e-7 in the corners, never 0), are added into a
-  ``(N, K, H, W)`` sum and the map into an ``(H, W)`` weight; the sum is divided by the weight at the end. Memory is
-  bounded by one window batch plus the two accumulators: at 10,000 x 10,000 px that is K x 400 MB of float32 for
-  the sum (8.4 GB for 21 classes) plus 400 MB of weights, besides the input (3 x 400 MB). On CUDA, pass
-  ``accumulate_device="cpu"`` to keep the accumulators in host memory: only window batches live on the GPU.
-* **Test-time augmentation** (``tta_logits``): every scale (input resized with bilinear ``F.interpolate``,
-  align_corners=False), with and without a horizontal flip, inferred whole or by sliding windows (the window keeps its
-  size in pixels at every scale), logits un-flipped and resized back to the input size, then **logits are averaged**
-  (not probabilities): every path returns logits, a binary head still thresholds at 0, and the arg-max of averaged
-  logits is that of the normalised geometric mean of the probabilities. One variant's logits are alive at a time
-  besides the running sum.
-"""
+Contracts (the full conventions are in README.md, "Evaluate a checkpoint" and "Use a trained model"):
+``to_model_input`` gives ``(N, 3, H, W)`` float32 normalised exactly as the checkpoint's val pipeline (grey, grey +
+alpha, RGBA, uint8/uint16/float inputs; other dtypes raise ``ValueError``). Every inference path returns float32
+logits at the input's size, on the inference device or ``accumulate_device``. Sliding windows cover every pixel
+(the last window flush with the border, small images zero-padded then cropped) and blend window logits by an
+importance map (``uniform`` or ``gaussian``, never 0). Test-time augmentation averages logits (not probabilities)
+over scales and flips. ``InferenceSettings`` is the one description of these choices, checked when built."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +23,8 @@ from train_seg.checkpoint import CheckpointMeta
 from train_seg.evaluation.loop import predict_batch
 from train_seg.evaluation.metrics import predictions
 
-__all__ = ["TTA", "infer_logits", "predict", "slide_logits", "tta_logits", "to_model_input", "whole_logits"]
+__all__ = ["InferenceSettings", "TTA", "infer_logits", "predict", "slide_logits", "tta_logits", "to_model_input",
+           "whole_logits"]
 
 MODES = ("whole", "slide")
 BLENDS = ("uniform", "gaussian")
@@ -272,6 +253,60 @@ def infer_logits(model: nn.Module, images: torch.Tensor, device: str | torch.dev
                       accumulate_device=accumulate_device)
 
 
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How ``infer_logits`` infers (its keyword arguments but the device ones): checked on construction
+    (``ValueError`` naming the field). ``from_mapping`` builds it from a config node or parsed arguments."""
+
+    mode: str = "whole"
+    window: Any = 512
+    stride: Any = None
+    overlap: float = 0.5
+    blend: str = "uniform"
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not valid; choose one of {', '.join(MODES)}.")
+        if self.blend not in BLENDS:
+            raise ValueError(f"blend={self.blend!r} is not valid; choose one of {', '.join(BLENDS)}.")
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"flip={self.flip!r}: use true or false.")
+        object.__setattr__(self, "scales", _check_scales(self.scales))
+        if self.mode == "slide":
+            slide_stride(self.window, self.stride, self.overlap)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping, prefix: str = "", names: Mapping[str, str] | None = None):
+        """The settings from ``values[prefix + field]`` (absent fields: the defaults). A bad value raises
+        ``ConfigError`` naming its key: ``names[field]`` if given, else ``prefix + field``."""
+        from train_seg.config.validation import ConfigError
+
+        fields = [f for f in cls.__dataclass_fields__ if prefix + f in values]
+        try:
+            return cls(**{f: values[prefix + f] for f in fields})
+        except ValueError as exc:
+            field_name = str(exc).split("=", 1)[0]
+            key = (names or {}).get(field_name, prefix + field_name)
+            raise ConfigError(f"{key}={str(exc).split('=', 1)[1]}") from None
+
+    @property
+    def tta(self) -> bool:
+        """Whether test-time augmentation is on (a flip, or scales other than 1.0)."""
+        return self.flip or self.scales != (1.0,)
+
+    @property
+    def plain(self) -> bool:
+        """Whole image, no test-time augmentation: the plain forward pass."""
+        return self.mode == "whole" and not self.tta
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of ``infer_logits`` (and what metrics.json records of an evaluation)."""
+        return {"mode": self.mode, "window": self.window, "stride": self.stride, "overlap": self.overlap,
+                "blend": self.blend, "flip": self.flip, "scales": list(self.scales)}
+
+
 # -- the notebook API ------------------------------------------------------------------------------------------
 def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """``(K, H, W)`` probabilities from ``(K, H, W)`` logits: softmax, or ``[1 - p, p]`` of a one-channel head."""
@@ -301,18 +336,24 @@ def _model_device(model: nn.Module) -> torch.device:
 def predict(model: nn.Module, image: np.ndarray, meta: CheckpointMeta, *, mode: str = "whole", tta=None,
             window=512, stride=None, overlap: float = 0.5, blend: str = "uniform", batch_size: int = 1,
             device: str | torch.device | None = None, amp_dtype: torch.dtype | None = None,
-            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+            channels_last: bool = False, settings: InferenceSettings | None = None,
+            accumulate_device: str | torch.device | None = None,
+            probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Predicts one numpy image ``(H, W[, C])`` (uint8, uint16 or float in [0, 1]; grey, RGB or RGBA: conversions
     in the module docstring) with ``meta``'s normalisation. Returns ``(mask (H, W) int64, probabilities (K, H, W)
-    float32)`` at the image's size (K = number of classes, also for a binary head). ``tta``: None, True (horizontal
-    flip), ``TTA(flip, scales)`` or ``{"flip": ..., "scales": [...]}``. Puts the model in eval mode; runs on the
-    model's device unless ``device`` is given, in float32 unless ``amp_dtype`` is."""
-    options = _tta_options(tta)
+    float32, or None unless probabilities)`` at the image's size (K = number of classes, also for a binary head).
+    ``tta``: None, True (horizontal flip), ``TTA(flip, scales)`` or ``{"flip": ..., "scales": [...]}``; ``settings``
+    replaces mode, tta, window, stride, overlap and blend. Puts the model in eval mode; runs on the model's device
+    unless ``device`` is given, in float32 unless ``amp_dtype`` is."""
+    if settings is None:
+        options = _tta_options(tta)
+        settings = InferenceSettings(mode=mode, window=window, stride=stride, overlap=overlap, blend=blend,
+                                     flip=options.flip, scales=options.scales)
     device = torch.device(device) if device is not None else _model_device(model)
     model.eval()
-    logits = infer_logits(model, to_model_input(image, meta), device, amp_dtype, channels_last, mode=mode,
-                          window=window, stride=stride, overlap=overlap, blend=blend, flip=options.flip,
-                          scales=options.scales, batch_size=batch_size)
-    mask = predictions(logits)[0]
-    probabilities = class_probabilities(logits[0])
-    return mask.cpu().numpy().astype(np.int64), probabilities.cpu().numpy().astype(np.float32, copy=False)
+    logits = infer_logits(model, to_model_input(image, meta), device, amp_dtype, channels_last,
+                          batch_size=batch_size, accumulate_device=accumulate_device, **settings.kwargs())
+    mask = predictions(logits)[0].cpu().numpy().astype(np.int64)
+    if not probabilities:
+        return mask, None
+    return mask, class_probabilities(logits[0]).cpu().numpy().astype(np.float32, copy=False)

@@ -87,6 +87,16 @@ def read(run_dir_or_file: str | Path) -> RunRecord:
     return RunRecord.from_dict(data, str(path))
 
 
+def refuse_existing(directory: Path, names: Sequence[str], holds: str, fix: str) -> None:
+    """A directory that already holds any of ``names`` (an earlier run's results) is never written into: raises
+    ``ConfigError`` "<directory> already holds <what> (<names found>), which this would overwrite. <fix>"."""
+    from train_seg.config.validation import ConfigError
+
+    taken = [name for name in names if (Path(directory) / name).exists()]
+    if taken:
+        raise ConfigError(f"{directory} already holds {holds} ({', '.join(taken)}), which this would overwrite. {fix}")
+
+
 def describe_error(error: BaseException | str) -> str:
     """One line for metrics.json and the sweep summary: ``<ExceptionType>: <message>``."""
     if isinstance(error, BaseException):

@@ -1,4 +1,4 @@
-"""Cross-run summary of a sweep: ``python -m train_seg.reporting.summary <sweep dir> [--rare-share S] [--baseline O]``.
+"""Cross-run summary of a sweep (the command: ``python -m train_seg.cli.summary <sweep dir>``).
 
 Writes ``summary.csv``, ``summary.md`` and ``summary.png`` into the sweep directory and prints a short table; the
 sweep callback (``train_seg.reporting.sweep``) runs the same code at the end of every multirun. A job is any
@@ -14,13 +14,11 @@ Columns, rows and the baseline rule: README.md, "The summary: summary.md, summar
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -746,36 +744,3 @@ def _console_groups(summary: SweepSummary, rare_names: list[str]) -> str:
     out.write(f"baseline: {_baseline_text(summary)}. {BEATS_MARK} = mean - std > "
               "baseline mean + baseline std (needs n >= 2 on both sides); mean ± sample std over completed jobs.")
     return out.getvalue()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m train_seg.reporting.summary",
-        description="Summarise a sweep (a Hydra multirun directory, finished or not): writes summary.csv, summary.md "
-                    "and summary.png into it, one row per job, failed and unfinished jobs included.")
-    parser.add_argument("sweep_dir", type=Path, help="the multirun directory, e.g. outputs/multirun/2024-01-01/12-00-00")
-    parser.add_argument("--rare-share", type=float, default=None,
-                        help="a class is rare when its training pixel share is below this (default: the jobs' rare_share)")
-    parser.add_argument("--baseline", default=None, metavar="OVERRIDES",
-                        help="the configuration the others are compared with, e.g. 'weighting=none' or "
-                             "'loss=ce weighting=none' (default: the first with weighting=none or loss=ce among the "
-                             "swept keys)")
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"train_seg.reporting.summary: error: {args.sweep_dir} is not a directory.", file=sys.stderr)
-        return 2
-    if args.rare_share is not None and not 0.0 < args.rare_share < 1.0:
-        print(f"train_seg.reporting.summary: error: --rare-share {args.rare_share}: must be in (0, 1), e.g. 0.01.", file=sys.stderr)
-        return 2
-    if not find_job_dirs(args.sweep_dir):
-        print(f"train_seg.reporting.summary: error: no job directory (with .hydra/overrides.yaml or {record.FILENAME}) under "
-              f"{args.sweep_dir}.", file=sys.stderr)
-        return 2
-    summary = write_summary(args.sweep_dir, args.rare_share, args.baseline)
-    print(console_table(summary))
-    print("wrote " + ", ".join(str(summary.sweep_dir / name) for name in FILES))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

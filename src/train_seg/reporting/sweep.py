@@ -54,7 +54,7 @@ class SweepSummaryCallback(Callback):
             summary = write_summary(sweep_dir, self.rare_share, baseline)
         except Exception as exc:  # a summary problem must not hide the jobs' own results
             print(f"train_seg: could not write the sweep summary in {sweep_dir}: {type(exc).__name__}: {exc}\n"
-                  f"Retry with: python -m train_seg.reporting.summary {sweep_dir}", file=sys.stderr, flush=True)
+                  f"Retry with: python -m train_seg.cli.summary {sweep_dir}", file=sys.stderr, flush=True)
             if self.exit_on_failure:
                 sys.exit(1)
             return
