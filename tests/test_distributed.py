@@ -149,7 +149,7 @@ def test_eval_shards_cover_every_image_once_without_padding():
 @pytest.mark.parametrize("preset, nodes", [("slurm_1node", 1), ("slurm_multinode", 2)])
 def test_slurm_presets_compose(preset, nodes):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the `slurm` extra is not installed")
-    from test_sweep import compose_with_hydra
+    from reporting.test_sweep import compose_with_hydra
 
     cfg = compose_with_hydra(f"experiment={preset}", "hydra.launcher.gpus_per_node=8")
     launcher = cfg.hydra.launcher
@@ -161,7 +161,7 @@ def test_slurm_presets_compose(preset, nodes):
 
 
 def test_hydra_overrides_keep_other_ranks_from_writing(tmp_path):
-    from test_sweep import compose_with_hydra
+    from reporting.test_sweep import compose_with_hydra
 
     assert distributed.hydra_overrides(DistEnv()) == [] == distributed.hydra_overrides(ranks(2)[0])
     overrides = distributed.hydra_overrides(ranks(2)[1])

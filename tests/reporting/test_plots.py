@@ -129,7 +129,7 @@ def test_stack_figures_pads_to_the_widest():
 
 
 def test_summary_png_of_a_seeded_sweep(tmp_path):
-    from test_summary import SEEDED, fake_job  # the hand-made job directories of tests/test_summary.py
+    from reporting.test_summary import SEEDED, fake_job  # the hand-made job directories of tests/reporting/test_summary.py
 
     from train_seg.reporting.summary import summary_figures, summarize, write_summary
 

@@ -2,7 +2,7 @@
 size and batch not seen at export, record the class names and the normalisation, refuse to overwrite, and a
 missing optional extra is a clear error. onnx and onnxruntime are in the ``dev`` extra: these tests do not skip.
 
-The checkpoint is the tiny real run of tests/test_inference.py (64 px MobileNet, 2 steps; trained once per session).
+The checkpoint is the tiny real run of tests/evaluation/test_inference.py (64 px MobileNet, 2 steps; trained once per session).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_env
-from test_inference import trained_run
+from evaluation.test_inference import trained_run
 from train_seg.cli import export
 from train_seg.cli.export import TORCHSCRIPT_METADATA, main, read_metadata
 from train_seg.checkpoint import load_checkpoint_model

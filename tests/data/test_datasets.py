@@ -43,7 +43,7 @@ from train_seg.data.class_stats import compute_class_stats
 from train_seg.data.transforms import ClassAwareRandomCrop, dominant_class_share
 from train_seg.data.voc import VOC_CLASSES, VOC_PALETTE, VOCSegmentation
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATASET_CONFIGS = ROOT / "src" / "train_seg" / "configs" / "dataset"
 
 

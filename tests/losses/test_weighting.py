@@ -34,7 +34,7 @@ from train_seg.losses.weighting import (
     scheme_defaults,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "src" / "train_seg" / "configs" / "weighting"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "src" / "train_seg" / "configs" / "weighting"
 FREQUENCY_SCHEMES = [name for name in SCHEMES if name not in ("none", "manual")]
 
 

@@ -2,7 +2,7 @@
 reported by name (exit 1), refusals before any work (exit 2), output names, and the command line itself (one
 subprocess).
 
-The checkpoint is the tiny real run of tests/test_inference.py (64 px MobileNet, 2 steps; trained once per session).
+The checkpoint is the tiny real run of tests/evaluation/test_inference.py (64 px MobileNet, 2 steps; trained once per session).
 Most tests call ``train_seg.cli.predict.main`` in-process (it ends with ``SystemExit``)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, cli_env
-from test_inference import ConvModel, loaded, run_dir  # noqa: F401  (module fixtures: the tiny trained run)
+from evaluation.test_inference import ConvModel, loaded, run_dir  # noqa: F401  (module fixtures: the tiny trained run)
 from train_seg import checkpoint
 from train_seg.evaluation.inference import predict
 from train_seg.cli.predict import main, output_stems

@@ -24,7 +24,7 @@ from train_seg.losses.dice import ABSENT_MODES, GDL_WEIGHT_TYPES, generalized_di
 from train_seg.losses.base import SegmentationLoss
 
 IGNORE = 255
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOSS_CONFIGS = sorted((ROOT / "src" / "train_seg" / "configs" / "loss").glob("*.yaml"))
 
 W3 = [0.5, 1.0, 2.0]  # class weights for the 3-class losses below

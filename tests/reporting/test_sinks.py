@@ -11,7 +11,7 @@ from train_seg.reporting import record
 from train_seg.reporting.events import Sink
 from train_seg.engine.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src" / "train_seg"
 
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from train_seg.data.sampler import RepeatFactorSampler, compute_repeat_factors
 
-CONFIG = Path(__file__).resolve().parents[1] / "src" / "train_seg" / "configs" / "sampler" / "repeat_factor.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "src" / "train_seg" / "configs" / "sampler" / "repeat_factor.yaml"
 
 # 10 images, 3 classes. Image fractions f = [9/10, 2/10, 1/10]; image 9 has no labelled class.
 PRESENCE = np.zeros((10, 3), dtype=bool)

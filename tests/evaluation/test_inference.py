@@ -30,7 +30,7 @@ TRAIN_OVERRIDES = ("trainer.max_steps=2", "logger=none", "weighting=inverse", "o
 
 def trained_run(tmp_path_factory) -> Path:
     """The run directory of a tiny real training (best.pt, last.pt, metrics.json), trained once per session and
-    shared with tests/test_evaluate.py."""
+    shared with tests/cli/test_evaluate.py."""
     from train_seg.engine.trainer import train
 
     base = tmp_path_factory.getbasetemp() / "trained"

@@ -1,7 +1,7 @@
 """``python -m train_seg.cli.evaluate``: pipeline resolution reproduces training's numbers, original resolution those of
 an independent computation, the output files, the errors, and the command line itself (two subprocesses).
 
-The checkpoint is the tiny real run of tests/test_inference.py (trained once per session)."""
+The checkpoint is the tiny real run of tests/evaluation/test_inference.py (trained once per session)."""
 from __future__ import annotations
 
 import csv
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from _dataset_fixtures import write_folder
-from test_inference import trained_run
+from evaluation.test_inference import trained_run
 from train_seg.reporting import record
 from train_seg.checkpoint import CheckpointError
 from train_seg.config.command_line import compose
