@@ -285,7 +285,7 @@ def test_a_rank_stuck_outside_collectives_is_ended_by_the_timeout(tmp_path):
 
 
 # -- the trainer under torchrun (CPU, gloo, 2 processes) --------------------------------------------------------
-DDP_TINY = ["dataset.num_train=8", "dataset.num_val=5", "dataset.image_size=64", "trainer.batch_size=2",
+DDP_TINY = ["model=tiny", "dataset.num_train=8", "dataset.num_val=5", "dataset.image_size=64", "trainer.batch_size=2",
             "trainer.val_batch_size=2", "trainer.max_epochs=2", "trainer.progress=false", "trainer.log_every=1",
             "trainer.device=cpu", "scheduler.warmup_steps=1", "logger.tensorboard.num_overlays=0",
             "trainer.dist_timeout_s=60"]

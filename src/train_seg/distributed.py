@@ -32,8 +32,8 @@ from torch.utils.data import Sampler
 __all__ = [
     "DistEnv", "DistributedError", "RankFailure", "SyncBatchNormError", "discover", "expand_nodelist",
     "slurm_master_port", "setup", "teardown", "session", "is_initialized", "is_main", "rank", "world_size",
-    "broadcast_object", "main_then_broadcast", "all_reduce_sum_", "barrier", "sync_batchnorm", "wrap_ddp", "unwrap",
-    "ShardedEvalSampler", "shard_eval_sampler", "local_device", "any_rank",
+    "broadcast_object", "main_then_broadcast", "all_reduce_sum_", "broadcast_buffers_", "barrier", "sync_batchnorm",
+    "wrap_ddp", "unwrap", "ShardedEvalSampler", "shard_eval_sampler", "local_device", "any_rank",
     "expand_tasks_per_node", "describe", "hydra_overrides",
 ]
 
@@ -368,6 +368,17 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     if is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_buffers_(model: nn.Module, src: int = 0) -> nn.Module:
+    """Copies rank ``src``'s buffers (BatchNorm running statistics) into every rank's ``model`` in place and
+    returns it; a no-op without a process group. DDP broadcasts buffers only at the start of a training forward,
+    so after the last step each rank holds the statistics of its own batch; evaluating each share with rank 0's
+    (the checkpoint's) makes the reduced metrics those of the saved model."""
+    if is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=src)
+    return model
 
 
 def barrier() -> None:

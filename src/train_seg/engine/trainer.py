@@ -262,6 +262,7 @@ def eval_inference(trainer: dict, settings: LoopSettings):
 
 
 def _evaluate(run: Run, epoch: int, stop=None) -> EvalResult:
+    distributed.broadcast_buffers_(run.model)  # every rank evaluates the checkpoint's BatchNorm statistics
     confusion = evaluate(run.model, run.val_loader, len(run.class_names), run.settings, desc=f"eval {epoch}",
                          infer=eval_inference(run.config["trainer"], run.settings), stop=stop)
     return EvalResult(epoch, run.global_step, confusion.matrix.cpu(), run.class_names, run.pixel_share, run.rare)
