@@ -21,9 +21,11 @@ install: $(BIN)/.installed
 train: install
 	$(BIN)/python -m train_seg $(ARGS)
 
-# The whole test suite (unit, end-to-end CLI and sweep tests). Extra pytest args: make test ARGS="-k losses"
+# The whole test suite (unit, end-to-end CLI and sweep tests). Extra pytest args: make test ARGS="-k losses".
+# TEST_WORKERS pytest-xdist processes (one per core by default), each file on one worker (module fixtures once).
+TEST_WORKERS ?= auto
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench_losses.py

@@ -5,6 +5,12 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Threads per test process: the cores shared among pytest-xdist's workers (`make test` runs `-n auto`), at most 2.
+# Set before torch is imported so that the subprocesses the tests start (train_seg CLIs, torchrun) inherit it.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import pytest
 import torch
@@ -16,7 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "src" / "train_seg" / "configs")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(THREADS)
 
 # Temporary files in RAM when the machine has room: the fault-tolerance and distributed tests write and fsync an
 # 88 MB checkpoint per step, which on a slow disk made the suite disk-bound (test_fault_tolerance.py: 3 min 46 s
@@ -99,6 +105,6 @@ def make_cfg(tmp_path):
 def cli_env() -> dict:
     env = dict(os.environ)
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"
-    env["OMP_NUM_THREADS"] = "2"
+    env["OMP_NUM_THREADS"] = str(THREADS)
     env.pop("HYDRA_FULL_ERROR", None)
     return env

@@ -13,7 +13,7 @@ from _dataset_fixtures import FOLDER_CLASSES, write_folder
 from conftest import ROOT, cli_env
 
 pytestmark = pytest.mark.slow
-TINY = ["dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64", "trainer.batch_size=2",
+TINY = ["model=tiny", "dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64", "trainer.batch_size=2",
         "trainer.max_steps=2", "trainer.num_workers=0", "trainer.progress=false"]
 
 

@@ -16,7 +16,7 @@ def run_cli(*args, cwd):
 
 
 def tiny_cli(tmp_path):
-    return ["dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64", "trainer.batch_size=2",
+    return ["model=tiny", "dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64", "trainer.batch_size=2",
             "trainer.max_epochs=1", "trainer.num_workers=0", "trainer.progress=false",
             f"paths.cache_dir={tmp_path / 'cache'}"]
 

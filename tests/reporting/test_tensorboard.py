@@ -31,7 +31,7 @@ from train_seg.reporting.sinks.tensorboard import (
 CLASSES = ["background", "lake", "road", "car"]
 SHARE = [0.8, 0.15, 0.046, 0.004]
 SHOWN = 5  # the HPARAMS tab shows the first five hyperparameters and the first five metrics
-TINY = ["trainer.max_steps=2", "dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64",
+TINY = ["model=tiny", "trainer.max_steps=2", "dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64",
         "trainer.batch_size=2", "trainer.num_workers=0", "trainer.progress=false"]
 # dataset seed 1 at this size: car is rare (0.6% of the 8 training images) and in the val split, road is not
 SWEEP_DATA = ["dataset.seed=1"]
