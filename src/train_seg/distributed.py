@@ -289,11 +289,13 @@ def teardown() -> None:
 @contextmanager
 def session(env: DistEnv, device_type: str | torch.device = "cpu",
             timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[torch.device]:
-    """``setup`` ... ``teardown`` on every exit path. A collective that fails because a peer died or timed out
-    comes out as ``RankFailure`` (chained to the backend's error); any other exception comes out unchanged."""
+    """``setup`` ... ``teardown`` on every exit path (after a closing barrier when the body returns). A collective
+    that fails because a peer died or timed out comes out as ``RankFailure`` (chained to the backend's error); any
+    other exception comes out unchanged."""
     device = setup(env, device_type, timeout_s)
     try:
         yield device
+        barrier()  # no rank destroys the group while a peer is still inside a collective
     except (dist.DistError, RuntimeError) as exc:
         if env.distributed and _is_collective_failure(exc):
             raise RankFailure(

@@ -147,11 +147,11 @@ def test_binary_head_trains_with_binary_losses(make_cfg, tmp_path, loss):
 def test_repeat_factor_sampler_drives_the_epoch_length(make_cfg, tmp_path):
     from train_seg.engine.trainer import prepare
 
-    run = prepare(make_cfg("sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12"), tmp_path / "r")
+    run = prepare(make_cfg("model=tiny", "sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12"), tmp_path / "r")
     run.sampler.set_epoch(0)
     expected_steps = len(run.sampler) // 2
     assert len(run.sampler) > 12  # rare-class images are repeated
-    payload = train(make_cfg("sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12"), tmp_path / "t")
+    payload = train(make_cfg("model=tiny", "sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12"), tmp_path / "t")
     assert payload["history"][-1]["step"] == expected_steps
 
 
@@ -178,11 +178,11 @@ def test_head_loss_and_dataset_must_agree(make_cfg, tmp_path, overrides, message
 def test_sliding_window_and_tta_in_training_evaluation(make_cfg, tmp_path):
     """trainer.eval_mode=slide with one 64-px window over the 64-px images is the whole-image evaluation exactly;
     flip TTA changes the evaluation only (the same training, finite metrics); bad scales fail before training."""
-    whole = train(make_cfg("trainer.max_steps=3", f"paths.output_dir={tmp_path / 'w'}"), tmp_path / "w")
-    slide = train(make_cfg("trainer.max_steps=3", "trainer.eval_mode=slide", "trainer.eval_window=64",
+    whole = train(make_cfg("model=tiny", "trainer.max_steps=3", f"paths.output_dir={tmp_path / 'w'}"), tmp_path / "w")
+    slide = train(make_cfg("model=tiny", "trainer.max_steps=3", "trainer.eval_mode=slide", "trainer.eval_window=64",
                            f"paths.output_dir={tmp_path / 's'}"), tmp_path / "s")
     assert slide["final"]["per_class"] == whole["final"]["per_class"]
-    flip = train(make_cfg("trainer.max_steps=3", "trainer.eval_flip=true", "trainer.eval_scales=[0.5,1.0]",
+    flip = train(make_cfg("model=tiny", "trainer.max_steps=3", "trainer.eval_flip=true", "trainer.eval_scales=[0.5,1.0]",
                           f"paths.output_dir={tmp_path / 'f'}"), tmp_path / "f")
     assert flip["history"][-1]["train/loss"] == whole["history"][-1]["train/loss"]
     assert all(0.0 <= v["recall"] <= 1.0 for v in flip["final"]["per_class"].values() if v["recall"] is not None)

@@ -55,7 +55,7 @@ def _events(path: Path) -> list[dict]:
 
 def test_a_sink_from_config_sees_every_event_in_order(make_cfg, tmp_path):
     events_file = tmp_path / "events.csv"
-    cfg = make_cfg("trainer.max_epochs=3", "trainer.eval_every=2", "trainer.log_every=2",
+    cfg = make_cfg("model=tiny", "trainer.max_epochs=3", "trainer.eval_every=2", "trainer.log_every=2",
                    f"+logger.csv._target_={__name__}.CSVEventSink", f"+logger.csv.path={events_file}")
     payload = train(cfg, tmp_path / "run")
     rows = _events(events_file)
@@ -76,7 +76,7 @@ def test_a_sink_from_config_sees_every_event_in_order(make_cfg, tmp_path):
 def test_tensorboard_off_writes_no_event_file(make_cfg, tmp_path):
     for name, override in (("null", "logger.tensorboard=null"), ("none", "logger=none")):
         run_dir = tmp_path / name
-        payload = train(make_cfg("trainer.max_steps=2", override, f"paths.output_dir={run_dir}"), run_dir)
+        payload = train(make_cfg("model=tiny", "trainer.max_steps=2", override, f"paths.output_dir={run_dir}"), run_dir)
         assert payload["status"] == "completed" and (run_dir / "last.pt").is_file()
         assert not list(run_dir.rglob("events.out.tfevents.*"))
 
@@ -108,7 +108,7 @@ def _crash_in_epoch(monkeypatch, error: BaseException, epoch: int = 2):
 def test_completed_failed_and_interrupted_runs_read_back_through_the_schema(make_cfg, tmp_path, monkeypatch,
                                                                             error, status):
     run_dir = tmp_path / "run"
-    cfg = make_cfg("trainer.max_epochs=2", "trainer.eval_every=1")
+    cfg = make_cfg("model=tiny", "trainer.max_epochs=2", "trainer.eval_every=1")
     if error is None:
         train(cfg, run_dir)
     else:
