@@ -90,7 +90,7 @@ def test_resume_continues_exactly(make_cfg, tmp_path, monkeypatch):
 
 
 def test_bf16_mixed_on_cpu_trains(make_cfg, tmp_path):
-    payload = train(make_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=2"), tmp_path / "run")
+    payload = train(make_cfg("model=tiny", "trainer.precision=bf16-mixed", "trainer.max_steps=2"), tmp_path / "run")
     assert payload["history"][-1]["step"] == 2 and math.isfinite(payload["history"][-1]["train/loss"])
 
 
@@ -134,8 +134,8 @@ def test_precision_on_cpu(value, dtype):
 
 @pytest.mark.parametrize("loss", ["bce", "sigmoid_focal", "binary_dice"])
 def test_binary_head_trains_with_binary_losses(make_cfg, tmp_path, loss):
-    payload = train(make_cfg("dataset.binary=true", "model.binary_head=true", f"loss={loss}", "weighting=inverse",
-                             "trainer.max_steps=2"), tmp_path / "run")
+    payload = train(make_cfg("model=tiny", "dataset.binary=true", "model.binary_head=true", f"loss={loss}",
+                             "weighting=inverse", "trainer.max_steps=2"), tmp_path / "run")
     assert payload["class_names"] == ["background", "car"]
     assert math.isfinite(payload["history"][-1]["train/loss"])
     per_class = payload["final"]["per_class"]
@@ -147,20 +147,21 @@ def test_binary_head_trains_with_binary_losses(make_cfg, tmp_path, loss):
 def test_repeat_factor_sampler_drives_the_epoch_length(make_cfg, tmp_path):
     from train_seg.engine.trainer import prepare
 
-    run = prepare(make_cfg("model=tiny", "sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12"), tmp_path / "r")
+    overrides = ("model=tiny", "sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12")
+    run = prepare(make_cfg(*overrides), tmp_path / "r")
     run.sampler.set_epoch(0)
     expected_steps = len(run.sampler) // 2
     assert len(run.sampler) > 12  # rare-class images are repeated
-    payload = train(make_cfg("model=tiny", "sampler=repeat_factor", "sampler.threshold=0.9", "dataset.num_train=12"), tmp_path / "t")
+    payload = train(make_cfg(*overrides), tmp_path / "t")
     assert payload["history"][-1]["step"] == expected_steps
 
 
 def test_an_existing_run_directory_is_never_overwritten(make_cfg, tmp_path):
     run_dir = tmp_path / "run"
-    train(make_cfg("trainer.max_steps=1"), run_dir)
+    train(make_cfg("model=tiny", "trainer.max_steps=1"), run_dir)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     with pytest.raises(ConfigError, match="already holds an earlier run"):
-        train(make_cfg("trainer.max_steps=1"), run_dir)
+        train(make_cfg("model=tiny", "trainer.max_steps=1"), run_dir)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
@@ -182,8 +183,8 @@ def test_sliding_window_and_tta_in_training_evaluation(make_cfg, tmp_path):
     slide = train(make_cfg("model=tiny", "trainer.max_steps=3", "trainer.eval_mode=slide", "trainer.eval_window=64",
                            f"paths.output_dir={tmp_path / 's'}"), tmp_path / "s")
     assert slide["final"]["per_class"] == whole["final"]["per_class"]
-    flip = train(make_cfg("model=tiny", "trainer.max_steps=3", "trainer.eval_flip=true", "trainer.eval_scales=[0.5,1.0]",
-                          f"paths.output_dir={tmp_path / 'f'}"), tmp_path / "f")
+    flip = train(make_cfg("model=tiny", "trainer.max_steps=3", "trainer.eval_flip=true",
+                          "trainer.eval_scales=[0.5,1.0]", f"paths.output_dir={tmp_path / 'f'}"), tmp_path / "f")
     assert flip["history"][-1]["train/loss"] == whole["history"][-1]["train/loss"]
     assert all(0.0 <= v["recall"] <= 1.0 for v in flip["final"]["per_class"].values() if v["recall"] is not None)
     with pytest.raises(ConfigError, match=r"trainer\.eval_scales"):

@@ -8,34 +8,31 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights, resnet50, resnet101
-from torchvision.models import segmentation as tv_seg
-from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
-from torchvision.models.segmentation.fcn import FCNHead
 
 from train_seg.models.padding_conv import use_padding_aware_convs
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {
-    # arch: (builder, full-model weights enum (COCO subset, VOC labels), backbone weights enum (ImageNet))
-    "deeplabv3_mobilenet_v3_large": (
-        tv_seg.deeplabv3_mobilenet_v3_large,
-        tv_seg.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
-        MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-    ),
-    "deeplabv3_resnet50": (
-        tv_seg.deeplabv3_resnet50,
-        tv_seg.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
-        ResNet50_Weights.IMAGENET1K_V1,
-    ),
-    "deeplabv3_resnet101": (
-        tv_seg.deeplabv3_resnet101,
-        tv_seg.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
-        ResNet101_Weights.IMAGENET1K_V1,
-    ),
-}
+# torchvision is imported when a model is built, not with this module: importing it costs seconds (its ops import
+# torch._dynamo), which the commands and runs that build no DeepLabV3 need not pay.
+ARCHITECTURES = ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101")
+
+
+def _torchvision_parts(arch: str):
+    """``(builder, full-model weights enum (COCO subset, VOC labels), backbone weights enum (ImageNet))``."""
+    from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights
+    from torchvision.models import segmentation as tv_seg
+
+    return {
+        "deeplabv3_mobilenet_v3_large": (tv_seg.deeplabv3_mobilenet_v3_large,
+                                         tv_seg.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+                                         MobileNet_V3_Large_Weights.IMAGENET1K_V1),
+        "deeplabv3_resnet50": (tv_seg.deeplabv3_resnet50, tv_seg.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
+                               ResNet50_Weights.IMAGENET1K_V1),
+        "deeplabv3_resnet101": (tv_seg.deeplabv3_resnet101,
+                                tv_seg.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
+                                ResNet101_Weights.IMAGENET1K_V1),
+    }[arch]
 
 
 # arch: (output strides accepted by ``model.output_stride``, the architecture's own). torchvision dilates the last
@@ -47,7 +44,7 @@ OUTPUT_STRIDES = {
 }
 # ResNet ``replace_stride_with_dilation`` per output stride (torchvision's deeplabv3_resnet* use the 8 entry).
 _RESNET_DILATION = {8: [False, True, True], 16: [False, False, True]}
-_RESNETS = {"deeplabv3_resnet50": resnet50, "deeplabv3_resnet101": resnet101}
+_RESNETS = ("deeplabv3_resnet50", "deeplabv3_resnet101")
 
 
 class ModelError(ValueError):
@@ -123,7 +120,7 @@ def _check_output_stride(arch: str, output_stride: int | None) -> int:
 def _new_deeplabv3(arch: str, out_channels: int, aux_loss: bool, output_stride: int) -> nn.Module:
     """The randomly initialised model: torchvision's builder, its backbone re-strided when ``output_stride`` is not
     the architecture's own."""
-    builder, default_stride = ARCHITECTURES[arch][0], OUTPUT_STRIDES[arch][1]
+    builder, default_stride = _torchvision_parts(arch)[0], OUTPUT_STRIDES[arch][1]
     if arch in _RESNETS and output_stride != default_stride:
         return _deeplabv3_resnet(arch, out_channels, aux_loss, output_stride)
     model = builder(weights=None, weights_backbone=None, num_classes=out_channels, aux_loss=aux_loss)
@@ -134,7 +131,7 @@ def _new_deeplabv3(arch: str, out_channels: int, aux_loss: bool, output_stride: 
 
 def _load_weights(model: nn.Module, arch: str, weights: str | None, weights_backbone: str | None) -> None:
     """Local backbone weights, then full-model weights (see ``build_deeplabv3``), each only when given."""
-    _, full_enum, backbone_enum = ARCHITECTURES[arch]
+    _, full_enum, backbone_enum = _torchvision_parts(arch)
     if weights_backbone is not None:
         path = _resolve_weights(weights_backbone, backbone_enum, "model.weights_backbone")
         _load_backbone(model, arch, path)
@@ -143,10 +140,16 @@ def _load_weights(model: nn.Module, arch: str, weights: str | None, weights_back
         _load_matching(model, _read_state_dict(path, "model.weights"), path)
 
 
-def _deeplabv3_resnet(arch: str, num_classes: int, aux_loss: bool, output_stride: int) -> DeepLabV3:
+def _deeplabv3_resnet(arch: str, num_classes: int, aux_loss: bool, output_stride: int) -> nn.Module:
     """torchvision's ``deeplabv3_resnet50/101`` (same modules, names and init order) with the backbone's
     ``replace_stride_with_dilation`` chosen for ``output_stride``."""
-    backbone = _RESNETS[arch](weights=None, replace_stride_with_dilation=_RESNET_DILATION[output_stride])
+    from torchvision.models import resnet50, resnet101
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+    from torchvision.models.segmentation.fcn import FCNHead
+
+    resnet = {"deeplabv3_resnet50": resnet50, "deeplabv3_resnet101": resnet101}[arch]
+    backbone = resnet(weights=None, replace_stride_with_dilation=_RESNET_DILATION[output_stride])
     return_layers = {"layer4": "out"}
     if aux_loss:
         return_layers["layer3"] = "aux"
