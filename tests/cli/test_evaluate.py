@@ -194,10 +194,9 @@ def test_settings_default_to_the_checkpoints_trainer():
     assert run_settings(options, meta, torch.device("cpu")) == (torch.bfloat16, True, 5)
     options = types.SimpleNamespace(precision="32", channels_last=False, batch_size=2)
     assert run_settings(options, meta, torch.device("cpu")) == (None, False, 2)
-    meta.config["trainer"]["precision"] = "16-mixed"  # trained on a GPU, evaluated on the CPU
-    with pytest.raises(ConfigError, match="checkpoint's trainer.precision"):
-        run_settings(types.SimpleNamespace(precision=None, channels_last=None, batch_size=None), meta,
-                     torch.device("cpu"))
+    meta.config["trainer"]["precision"] = "16-mixed"  # trained on a GPU, evaluated on the CPU: fp16 there too
+    assert run_settings(types.SimpleNamespace(precision=None, channels_last=None, batch_size=None), meta,
+                        torch.device("cpu"))[0] is torch.float16
     with pytest.raises(ConfigError, match="precision='fp64' is not valid"):
         run_settings(types.SimpleNamespace(precision="fp64", channels_last=None, batch_size=None), meta,
                      torch.device("cpu"))

@@ -42,6 +42,7 @@ from train_seg.data.folder import FolderSegmentation, ratio_split
 from train_seg.data.class_stats import compute_class_stats
 from train_seg.data.transforms import ClassAwareRandomCrop, dominant_class_share
 from train_seg.data.voc import VOC_CLASSES, VOC_PALETTE, VOCSegmentation
+from train_seg.engine.builder import build_transform
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASET_CONFIGS = ROOT / "src" / "train_seg" / "configs" / "dataset"
@@ -230,8 +231,8 @@ def load_dataset_yaml(name: str, **overrides):
 
 
 def compose_pipeline(cfg, split: str, seed: int = 0) -> A.Compose:
-    """What the builder does: instantiate every transform of the list, in order."""
-    return A.Compose([instantiate(t) for t in cfg.dataset.transforms[split]], seed=seed)
+    """The pipeline the trainer builds for ``split``."""
+    return build_transform(cfg.dataset, split, seed)
 
 
 def _fixture_source(name, tmp_path, split):

@@ -1,5 +1,6 @@
 """End-to-end training through the real configs: tiny images, a few steps, real code paths."""
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -103,7 +104,6 @@ def test_aux_head_adds_a_logged_term(make_cfg, tmp_path):
 @pytest.mark.parametrize(
     "override, key",
     [
-        ("trainer.precision=16-mixed", "16-mixed"),
         ("trainer.precision=fp8", "trainer.precision"),
         ("trainer.batch_size=1", "trainer.batch_size"),
         ("trainer.device=cuda", "trainer.device"),
@@ -124,12 +124,21 @@ def test_config_error_type(make_cfg, tmp_path):
         prepare(make_cfg("trainer.eval_every=0"), tmp_path / "run")
 
 
-@pytest.mark.parametrize("value, dtype", [("auto", torch.bfloat16), ("bf16-mixed", torch.bfloat16), ("32", None),
-                                          (32, None), ("bf16", torch.bfloat16)])
-def test_precision_on_cpu(value, dtype):
-    from train_seg.config.validation import resolve_precision
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16-cpu", "avx2-cpu"])
+@pytest.mark.parametrize("value, dtype", [("auto", "auto"), ("bf16-mixed", torch.bfloat16), ("32", None), (32, None),
+                                          ("bf16", torch.bfloat16), ("16-mixed", torch.float16),
+                                          ("fp16", torch.float16)])
+def test_precision_on_cpu(monkeypatch, caplog, native_bf16, value, dtype):
+    """auto is bf16 only where the CPU has it natively (emulated bf16 is many times slower than fp32); 16-mixed
+    runs on the CPU (to test the fp16 path) with a warning, as bf16 does where it is emulated."""
+    from train_seg.config import validation
 
-    assert resolve_precision(value, torch.device("cpu")) is dtype
+    monkeypatch.setattr(validation, "cpu_has_native_bf16", lambda: native_bf16)
+    expected = (torch.bfloat16 if native_bf16 else None) if dtype == "auto" else dtype
+    with caplog.at_level(logging.WARNING, logger="train_seg"):
+        assert validation.resolve_precision(value, torch.device("cpu")) is expected
+    slow = expected is torch.float16 or (expected is torch.bfloat16 and not native_bf16)
+    assert bool([r for r in caplog.records if "many times slower" in r.getMessage()]) == slow
 
 
 @pytest.mark.parametrize("loss", ["bce", "sigmoid_focal", "binary_dice"])
@@ -191,3 +200,38 @@ def test_sliding_window_and_tta_in_training_evaluation(make_cfg, tmp_path):
         prepare(make_cfg("trainer.eval_scales=[0]"), tmp_path / "bad")
     with pytest.raises(ConfigError, match=r"trainer\.eval_mode"):
         prepare(make_cfg("trainer.eval_mode=tiles"), tmp_path / "bad")
+
+
+def test_fp16_run_on_cpu_resumes_mid_epoch_bit_exactly_with_the_scalers_state(make_cfg, tmp_path, monkeypatch):
+    """trainer.precision=16-mixed on the CPU: the GradScaler's state is in every checkpoint and restored on resume;
+    a run interrupted mid-epoch (after its step-5 checkpoint) and resumed ends bit for bit as the straight run."""
+    import train_seg.engine.loop as loop_module
+
+    overrides = ("model=tiny", "trainer.precision=16-mixed", "trainer.max_epochs=2",
+                 "trainer.checkpoint_every_n_steps=1")
+    straight = train(make_cfg(*overrides, f"paths.output_dir={tmp_path / 'a'}"), tmp_path / "a")
+    assert straight["status"] == "completed" and math.isfinite(straight["history"][-1]["train/loss"])
+
+    real_step, calls = loop_module._optimizer_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # epoch 2, step 6 of 8: last.pt holds step 5
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "_optimizer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(*overrides, f"paths.output_dir={tmp_path / 'b'}"), tmp_path / "b")
+    monkeypatch.setattr(loop_module, "_optimizer_step", real_step)
+    saved = read_checkpoint(tmp_path / "b" / "last.pt")
+    assert saved["global_step"] == 5 and saved["scaler"]["scale"] > 0
+
+    resumed_cfg = make_cfg(*overrides, f"trainer.resume={tmp_path / 'b'}", f"paths.output_dir={tmp_path / 'c'}")
+    run = prepare(resumed_cfg, tmp_path / "c")
+    assert run.scaler.is_enabled() and run.scaler.state_dict() == saved["scaler"]
+    resumed = train(resumed_cfg, tmp_path / "c")
+    a, c = read_checkpoint(tmp_path / "a" / "last.pt"), read_checkpoint(tmp_path / "c" / "last.pt")
+    assert a["scaler"] == c["scaler"]
+    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+    assert resumed["history"][-1]["train/loss"] == straight["history"][-1]["train/loss"]

@@ -72,15 +72,15 @@ def test_two_job_multirun_writes_the_summary_and_names_runs_by_override(tmp_path
 
 @pytest.mark.slow
 def test_a_failing_job_is_a_failed_row_and_the_sweep_exits_1(tmp_path):
-    """The first job fails (fp16 needs CUDA); the second still runs; the summary lists both; exit status 1."""
-    result, sweep = run_sweep(tmp_path, "trainer.precision=16-mixed,32")
+    """The first job fails (a negative learning rate); the second still runs; the summary lists both; exit 1."""
+    result, sweep = run_sweep(tmp_path, "optimizer.lr=-1,0.01")
     assert result.returncode == 1, result.stderr[-3000:]
     rows = read_csv(sweep / "summary.csv")
-    assert [(r["trainer.precision"], r["status"]) for r in rows] == [("16-mixed", "failed"), ("32", "completed")]
-    assert "trainer.precision=16-mixed" in rows[0]["error"] and rows[0]["final_mIoU"] == ""
+    assert [(r["optimizer.lr"], r["status"]) for r in rows] == [("-1", "failed"), ("0.01", "completed")]
+    assert "optimizer.lr=-1" in rows[0]["error"] and rows[0]["final_mIoU"] == ""
     assert rows[1]["final_mIoU"] != "" and rows[1]["error"] == ""
     failed = json.loads((sweep / rows[0]["job"] / "metrics.json").read_text())
-    assert failed["status"] == "failed" and failed["error"].startswith("ConfigError: trainer.precision=16-mixed")
+    assert failed["status"] == "failed" and failed["error"].startswith("ConfigError: optimizer.lr=-1")
     assert "(failed)" in (sweep / "summary.md").read_text()
     assert "1 of 2 jobs did not complete" in result.stderr
 

@@ -124,8 +124,9 @@ class TrainerConfig:
               message="{key}={value!r}: must be >= 1 or null (torch's default)."))
     device: str = setting("auto", "auto | cpu | cuda | cuda:N; auto = CUDA when available")
     precision: str = setting(
-        "auto", "auto | 32 | 16-mixed (fp16 autocast + GradScaler, CUDA only) | bf16-mixed (CPU and CUDA); auto = "
-                "bf16-mixed on CPU and on GPUs with native bf16 (Ampere+), else 16-mixed",
+        "auto", "auto | 32 | 16-mixed (fp16 autocast + GradScaler; on CPU slow, for testing) | bf16-mixed; auto = "
+                "bf16-mixed where bf16 is native (GPUs from Ampere, CPUs with AVX512-BF16/AMX), else 16-mixed on "
+                "GPUs and 32 on CPUs",
         Check(choices=PRECISIONS, normalize=normalize_precision))
     grad_clip: Optional[float] = setting(None, "max global gradient norm; null = no clipping",
                                          Check(gt=0, note=" (max gradient norm) or null"))

@@ -5,6 +5,7 @@ any model built.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 from train_seg.config.schema import OPTIMIZED_METRICS, PRECISIONS, checks, normalize_precision  # noqa: F401 (re-exported)
 
+log = logging.getLogger(__name__)
 _ABSENT = object()
 
 
@@ -105,23 +107,40 @@ def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it). Without it, bf16
+    autocast on the CPU is emulated and many times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_precision(precision, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``trainer.precision`` on ``device`` (None = fp32).
 
-    ``auto``: bf16-mixed on CPU and on GPUs with native bfloat16 (compute capability >= 8.0), else 16-mixed.
+    ``auto``: on CUDA bf16-mixed with native bfloat16 (compute capability >= 8.0), else 16-mixed; on the CPU
+    bf16-mixed where ``cpu_has_native_bf16``, else 32. ``16-mixed`` (fp16 autocast + GradScaler) runs on the CPU
+    too, slowly, to test that path; it and ``bf16-mixed`` without native support log a warning there.
+    Raises ``ConfigError`` for bf16-mixed on a GPU without bfloat16.
     """
     precision = normalize_precision(precision)
     if precision == "auto":
-        native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
-        precision = "bf16-mixed" if native_bf16 else "16-mixed"
+        if device.type == "cuda":
+            precision = "bf16-mixed" if torch.cuda.get_device_capability(device) >= (8, 0) else "16-mixed"
+        else:
+            precision = "bf16-mixed" if cpu_has_native_bf16() else "32"
     if precision == "16-mixed":
-        _require(device.type == "cuda",
-                 f"trainer.precision=16-mixed (fp16 with GradScaler) runs on CUDA only, and this run uses {device}. "
-                 "Use trainer.precision=bf16-mixed on CPU, or 32.")
+        if device.type != "cuda":
+            log.warning("trainer.precision=16-mixed on %s: fp16 autocast with loss scaling is emulated there, many "
+                        "times slower than 32; it is meant for testing the fp16 path (use 32 to train).", device)
         return torch.float16
     if precision == "bf16-mixed":
         if device.type == "cuda":
             _require(torch.cuda.is_bf16_supported(),
                      "trainer.precision=bf16-mixed: this GPU does not support bfloat16; use 16-mixed.")
+        elif not cpu_has_native_bf16():
+            log.warning("trainer.precision=bf16-mixed on a CPU without native bfloat16: many times slower than 32 "
+                        "(trainer.precision=auto picks 32 here).")
         return torch.bfloat16
     return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import random
 from typing import Callable
 
 import numpy as np
@@ -18,6 +19,18 @@ log = logging.getLogger(__name__)
 
 class DatasetError(ValueError):
     """Bad dataset input: the message names the file or key and says how to fix it."""
+
+
+def seed_pipeline(pipeline, seed: int) -> None:
+    """Seeds an albumentations pipeline (a ``Compose``) so that all its transforms draw, in the order they run, from
+    ONE numpy generator and ONE python ``random.Random``, both made from ``seed`` (taken modulo 2**32). The same seed
+    gives the same augmentation, and the transforms' decisions (flip, scale, crop position) are independent of each
+    other. (``Compose(seed=s)`` and ``set_random_seed(s)`` give every transform its own generator seeded with ``s``:
+    their first draws are one number, flips and scales in lockstep.) None, no pipeline, is left alone."""
+    if pipeline is None:
+        return
+    seed = int(seed) % 2**32
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 class SegmentationSource(abc.ABC):
@@ -104,9 +117,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def reseed(self, seed: int) -> None:
-        """Reseeds the augmentation pipeline (albumentations keeps its own RNG, independent of the global ones)."""
-        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(int(seed) % 2**32)
+        """Reseeds the augmentation pipeline (``seed_pipeline``: albumentations keeps its own
+        generators, independent of the global ones). A transform without ``set_random_state`` is left alone."""
+        if self.transform is not None and hasattr(self.transform, "set_random_state"):
+            seed_pipeline(self.transform, seed)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:

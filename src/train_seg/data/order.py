@@ -6,7 +6,7 @@ list of ``train_seg.data.sampler``) from ``(seed, e)`` alone and gives every pos
 augmentation pipeline with ``sample_seed`` before loading ``index``. A batch therefore depends only on its position:
 not on ``trainer.num_workers``, and not on what ran before (``start_at`` resumes mid-epoch with exactly the batches
 of the uninterrupted run). Under ``torch.distributed`` rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of
-the same list, truncated to a multiple of ``W``. Only the albumentations pipeline's own generator is reseeded:
+the same list, truncated to a multiple of ``W``. Only the albumentations pipeline's own generators are reseeded:
 transforms drawing from python's or numpy's global generators are not reproducible across a mid-epoch resume.
 """
 from __future__ import annotations

@@ -35,7 +35,7 @@ class ClassAwareRandomCrop(BaseCrop):
     costs nothing and helps more). ``cat_max_ratio >= 1`` or ``max_tries == 1`` is a plain ``RandomCrop``.
 
     The input must be at least ``height x width`` (put ``PadIfNeeded`` with ``fill_mask=ignore_index`` before it);
-    randomness comes from albumentations' own generator, so ``A.Compose(..., seed=...)`` makes it reproducible.
+    its randomness is the pipeline's python generator (``self.py_random``, see ``data.base.seed_pipeline``).
     Without a ``mask`` target it behaves as ``RandomCrop``.
 
     Targets: image, mask, masks, bboxes, keypoints (all cropped alike).

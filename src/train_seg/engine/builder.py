@@ -23,7 +23,8 @@ from train_seg import distributed
 from train_seg.config.instantiate import instantiate_node, plain_node
 from train_seg.config.naming import RunContext
 from train_seg.config.validation import ConfigError
-from train_seg.data.base import SegmentationDataset, SegmentationSource, check_on_bad_sample, skip_bad_samples
+from train_seg.data.base import (SegmentationDataset, SegmentationSource, check_on_bad_sample, seed_pipeline,
+                                 skip_bad_samples)
 from train_seg.data.class_stats import compute_class_stats
 from train_seg.data.order import EpochOrder, SeededSamples
 from train_seg.engine import runtime
@@ -135,16 +136,20 @@ def build_source(dataset_cfg, split: str) -> SegmentationSource:
 
 
 def build_transform(dataset_cfg, split: str, seed: int):
-    """``albumentations.Compose`` of the ``dataset.transforms.<split>`` list (None when the list is empty).
-    The Compose gets its own seed: albumentations ignores the global RNGs."""
+    """``albumentations.Compose`` of the ``dataset.transforms.<split>`` list (None when the list is empty), seeded
+    with ``seed`` by ``data.base.seed_pipeline`` (albumentations ignores the global RNGs; the trainer reseeds
+    it per sample, see ``data.order``)."""
     import albumentations as A
 
-    transforms = plain_node(dataset_cfg, "dataset").get("transforms") or {}
+    node = dataset_cfg.get("transforms")  # only this node is resolved: a pipeline needs no dataset.root
+    transforms = plain_node(node, "dataset.transforms") if node is not None else {}
     specs = transforms.get(split) or []
     if not specs:
         return None
     steps = [instantiate_node(spec, f"dataset.transforms.{split}[{i}]") for i, spec in enumerate(specs)]
-    return A.Compose(steps, seed=seed)
+    pipeline = A.Compose(steps, seed=seed)
+    seed_pipeline(pipeline, seed)
+    return pipeline
 
 
 def build_sampler(sampler_cfg, presence: np.ndarray, seed: int):
