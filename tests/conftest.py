@@ -24,13 +24,11 @@ CONFIG_DIR = str(ROOT / "src" / "train_seg" / "configs")
 
 torch.set_num_threads(THREADS)
 
-# Temporary files in RAM when the machine has room: the fault-tolerance and distributed tests write and fsync an
-# 88 MB checkpoint per step, which on a slow disk made the suite disk-bound (test_fault_tolerance.py: 3 min 46 s
-# with tmp_path on disk, 2 min 3 s on /dev/shm, same machine). Nothing they check depends on the medium (a
-# SIGKILL loses no page cache; atomic renames behave the same). TRAIN_SEG_TEST_TMP=disk, or --basetemp, keeps
-# pytest's own choice.
+# Temporary files in RAM when the machine has room (README "Development": the checkpoint-writing tests are
+# disk-bound otherwise). Nothing they check depends on the medium (a SIGKILL loses no page cache; atomic renames
+# behave the same). TRAIN_SEG_TEST_TMP=disk, or --basetemp, keeps pytest's own choice.
 SHM = Path("/dev/shm")
-SHM_MIN_FREE = 8 * 2**30  # the whole suite leaves up to ~7 GB behind until it ends (measured peak 6.9 GB)
+SHM_MIN_FREE = 8 * 2**30  # what the whole suite leaves behind until it ends stays below this (README)
 MIN_AVAILABLE_RAM = 16 * 2**30  # ... which must leave the test processes room
 
 

@@ -13,6 +13,7 @@ from train_seg.engine.loop import LoopSettings, train_one_epoch
 from train_seg.losses import CrossEntropyLoss
 from train_seg.evaluation.metrics import predictions
 from train_seg.models.deeplabv3 import build_deeplabv3
+from train_seg.models.tiny import TinySegmenter
 
 CPU = torch.device("cpu")
 ARCH = "deeplabv3_mobilenet_v3_large"
@@ -217,27 +218,16 @@ def test_compiled_model_keeps_the_plain_state_dict_keys():
     eager.load_state_dict(compiled.state_dict())  # a checkpoint of a compiled run loads into a plain model
 
 
-class _TinySegmenter(torch.nn.Module):
-    """Conv + BatchNorm + ReLU + 1x1 head returning ``{"out": logits}``: what the trainer calls, small enough that
-    inductor compiles it in seconds (DeepLabV3-MobileNetV3 takes ~2 minutes cold on 2 cores, and then ran no faster
-    here: see README "Performance")."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
-                                        torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
-
-    def forward(self, x):
-        return {"out": self.body(x)}
+def _tiny_segmenter():
+    torch.manual_seed(0)
+    return TinySegmenter(4)  # model=tiny: inductor compiles it in seconds (DeepLabV3 takes minutes cold on 2 cores)
 
 
-@pytest.mark.slow
 def test_compile_true_trains_two_steps_where_the_platform_compiles(caplog):
     """The real torch.compile (inductor, g++) through train_one_epoch, on a tiny segmenter."""
     if perf.compile_blocker(CPU) is not None:
         pytest.skip(perf.compile_blocker(CPU))
-    model = perf.maybe_compile(_TinySegmenter(), True)
+    model = perf.maybe_compile(_tiny_segmenter(), True)
     with caplog.at_level(logging.WARNING, logger="train_seg"):
         step, loss, logged = _train(model, _batches(2))
     assert step == 2 and math.isfinite(loss) and all(math.isfinite(v) for v in logged)
