@@ -62,3 +62,55 @@ def test_the_checker_sees_a_backward_import(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("def f():\n    from train_seg.engine.trainer import prepare\nfrom train_seg import distributed\n")
     assert sorted(_imports(bad)) == ["train_seg.distributed", "train_seg.engine.trainer"]
+
+
+# -- the shape of the code -------------------------------------------------------------------------------------
+def _functions(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+def test_no_function_in_src_is_over_60_lines_and_fit_is_short():
+    long = [f"{path.relative_to(PACKAGE)}:{name} ({length} lines)" for path in PACKAGE.rglob("*.py")
+            for name, length in _functions(path) if length > 60]
+    assert long == []
+    assert dict(_functions(PACKAGE / "engine" / "trainer.py"))["fit"] <= 50
+
+
+def _imported_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_results_travel_one_way_nothing_imports_the_loop():
+    """Only the command-line entry points import the loop's module; sinks, engine, record and state never do."""
+    importers = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                       if "train_seg.engine.trainer" in _imported_names(path) and path.name != "trainer.py")
+    assert importers == ["__main__.py", "cli/preflight.py"]  # the entry point and its pre-Hydra check
+    for module in ("reporting/events.py", "reporting/record.py", "engine/state.py", "engine/loop.py",
+                   "evaluation/loop.py", "evaluation/metrics.py"):  # the stages before the sinks
+        assert not [name for name in _imported_names(PACKAGE / module) if name.startswith("train_seg.reporting.sinks")], module
+
+
+def test_the_record_is_written_in_one_module():
+    """metrics.json is named and written by train_seg.reporting.record only (and read by the summary through it)."""
+    writers = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                     if '"metrics.json"' in path.read_text() and path.name != "record.py")
+    assert writers == [] or all(name == "summary.py" for name in writers), writers
+
+
+def test_every_module_docstring_is_a_contract_of_at_most_20_lines():
+    long = []
+    for path in _modules():
+        doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+        if doc and len(doc.splitlines()) > 20:
+            long.append(f"{path.relative_to(PACKAGE)} ({len(doc.splitlines())} lines)")
+    assert long == []
