@@ -106,3 +106,11 @@ def cli_env() -> dict:
     env["OMP_NUM_THREADS"] = str(THREADS)
     env.pop("HYDRA_FULL_ERROR", None)
     return env
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding slow tests run first (a stable sort, the same on every worker): pytest-xdist's ``--dist
+    loadfile`` hands files to the workers in collection order, and a long file handed out last keeps one worker busy
+    alone while the other idles."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
