@@ -120,7 +120,6 @@ class SyntheticShapes(SegmentationSource):
         rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index, _VERSION])
         size = self.image_size
         scale = size / 128.0
-        yy, xx = self._yy, self._xx
         image = self._background(rng)
         mask = np.zeros((size, size), dtype=np.uint8)
 
