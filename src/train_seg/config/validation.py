@@ -5,6 +5,7 @@ any model built.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -107,6 +108,7 @@ def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
     return device
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it). Without it, bf16
     autocast on the CPU is emulated and many times slower than fp32."""

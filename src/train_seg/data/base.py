@@ -26,8 +26,9 @@ def seed_pipeline(pipeline, seed: int) -> None:
     ONE numpy generator and ONE python ``random.Random``, both made from ``seed`` (taken modulo 2**32). The same seed
     gives the same augmentation, and the transforms' decisions (flip, scale, crop position) are independent of each
     other. (``Compose(seed=s)`` and ``set_random_seed(s)`` give every transform its own generator seeded with ``s``:
-    their first draws are one number, flips and scales in lockstep.) None, no pipeline, is left alone."""
-    if pipeline is None:
+    their first draws are one number, flips and scales in lockstep.) None, or a callable without
+    ``set_random_state`` (not an albumentations pipeline), is left alone."""
+    if not hasattr(pipeline, "set_random_state"):
         return
     seed = int(seed) % 2**32
     pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
@@ -117,10 +118,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def reseed(self, seed: int) -> None:
-        """Reseeds the augmentation pipeline (``seed_pipeline``: albumentations keeps its own
-        generators, independent of the global ones). A transform without ``set_random_state`` is left alone."""
-        if self.transform is not None and hasattr(self.transform, "set_random_state"):
-            seed_pipeline(self.transform, seed)
+        """Reseeds the augmentation pipeline with ``seed_pipeline`` (albumentations keeps its own generators,
+        independent of the global ones)."""
+        seed_pipeline(self.transform, seed)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:

@@ -147,7 +147,7 @@ def build_transform(dataset_cfg, split: str, seed: int):
     if not specs:
         return None
     steps = [instantiate_node(spec, f"dataset.transforms.{split}[{i}]") for i, spec in enumerate(specs)]
-    pipeline = A.Compose(steps, seed=seed)
+    pipeline = A.Compose(steps)
     seed_pipeline(pipeline, seed)
     return pipeline
 
