@@ -1,18 +1,17 @@
 """The real command line, as a user types it (subprocesses; marked slow, still run by `make test`)."""
 import json
-import subprocess
 import sys
 
 import pytest
 
+import forkserver
 from conftest import ROOT, cli_env
 
 pytestmark = pytest.mark.slow
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "train_seg", *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=300)
+    return forkserver.run([sys.executable, "-m", "train_seg", *args], cwd=cwd, env=cli_env(), timeout=300)
 
 
 def tiny_cli(tmp_path):
@@ -59,10 +58,10 @@ def test_stats_cli_prints_every_scheme_side_by_side(tmp_path):
     from train_seg.data.synthetic import SyntheticShapes
     from train_seg.losses.weighting import class_weights
 
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-m", "train_seg.cli.stats", "dataset.num_train=20", "weighting=inverse", "trainer.progress=false",
          f"paths.cache_dir={tmp_path / 'cache'}"],
-        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=cli_env(), timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()

@@ -8,7 +8,6 @@ import csv
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import forkserver
 from _dataset_fixtures import write_folder
 from evaluation.test_inference import trained_run
 from train_seg.reporting import record
@@ -236,8 +236,7 @@ def test_errors_missing_checkpoint_classes_that_differ_and_an_existing_output(ru
 def _cli(*args, cwd: Path):
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "train_seg.cli.evaluate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return forkserver.run([sys.executable, "-m", "train_seg.cli.evaluate", *args], cwd=cwd, env=env, timeout=300)
 
 
 def test_cli_prints_the_table_and_writes_a_new_output_directory(run_dir, tmp_path):

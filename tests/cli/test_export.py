@@ -7,7 +7,6 @@ The checkpoint is the tiny real run of tests/evaluation/test_inference.py (64 px
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import forkserver
 from conftest import ROOT, cli_env
 from evaluation.test_inference import trained_run
 from train_seg.cli import export
@@ -134,9 +134,8 @@ def test_bad_arguments_exit_2(tmp_path, monkeypatch, capsys, args, match):
 def test_cli_subprocess(run_dir, tmp_path):
     path = tmp_path / "m.pt"
     env = {**cli_env(), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "train_seg.cli.export", f"--ckpt={run_dir}", "--format=torchscript",
-                             f"--output={path}", "--no-verify"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = forkserver.run([sys.executable, "-m", "train_seg.cli.export", f"--ckpt={run_dir}", "--format=torchscript",
+                             f"--output={path}", "--no-verify"], cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"wrote {path}" in result.stdout and path.is_file()
 

@@ -7,7 +7,6 @@ Most tests call ``train_seg.cli.predict.main`` in-process (it ends with ``System
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import forkserver
 from conftest import ROOT, cli_env
 from evaluation.test_inference import ConvModel, loaded, run_dir  # noqa: F401  (module fixtures: the tiny trained run)
 from train_seg import checkpoint
@@ -239,11 +239,10 @@ def test_cli_subprocess_reports_failures_and_exits_1(run_dir, tmp_path):
     Image.fromarray(synthetic_rgb(0)).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"\x00" * 64)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "train_seg.cli.predict", f"--ckpt={run_dir}", f"--input={tmp_path}/*.png",
-                             f"--output={out}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    result = forkserver.run([sys.executable, "-m", "train_seg.cli.predict", f"--ckpt={run_dir}", f"--input={tmp_path}/*.png",
+                             f"--output={out}"], cwd=ROOT, env=env(), timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"{tmp_path / 'b.png'}: not an image" in result.stderr
     assert "wrote the outputs of 1 of 2 inputs" in result.stdout and (out / "a_mask.png").is_file()
-    help_text = subprocess.run([sys.executable, "-m", "train_seg.cli.predict", "--help"], cwd=ROOT, env=env(),
-                               capture_output=True, text=True, timeout=300)
+    help_text = forkserver.run([sys.executable, "-m", "train_seg.cli.predict", "--help"], cwd=ROOT, env=env(), timeout=300)
     assert help_text.returncode == 0 and "--inference-mode" in help_text.stdout and "--save-probs" in help_text.stdout

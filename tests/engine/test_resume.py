@@ -2,9 +2,9 @@
 moments, with and without DataLoader workers), resume=auto in place with TensorBoard steps that never repeat,
 SIGTERM / SIGINT, SLURM requeue, and the non-finite guard.
 
-The killed runs are real subprocesses: a small driver (``_DRIVER``) installs one fault (SIGKILL of its own process
-at a training step, at an evaluation batch, or half-way through writing a checkpoint) and then runs the real
-``python -m train_seg`` entry point."""
+The killed runs are real processes (forked by tests/forkserver.py, without the interpreter's start-up): a small
+driver (``_DRIVER``) installs one fault (SIGKILL of its own process at a training step, at an evaluation batch, or
+half-way through writing a checkpoint) and then runs the real ``python -m train_seg`` entry point."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,6 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import forkserver
 from conftest import ROOT, cli_env
 
 # 8 training images of 64 px in batches of 2: 4 steps per epoch, 2 epochs; one thread (bit-exact and no contention);
@@ -85,9 +85,8 @@ def _train(run_dir: Path, cache: Path, *overrides: str, fault: tuple[str, int] |
     command = ([sys.executable, "-c", _DRIVER, fault[0], str(fault[1]), *args] if fault
                else [sys.executable, "-m", "train_seg", *args])
     if not wait:
-        return subprocess.Popen(command, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=300)
+        return forkserver.popen(command, cwd=ROOT, env=env or _env())
+    return forkserver.run(command, cwd=ROOT, env=env or _env(), timeout=300)
 
 
 def _final_state(run_dir: Path) -> tuple[dict, list, dict]:

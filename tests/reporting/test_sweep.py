@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+import forkserver
 from conftest import CONFIG_DIR, cli_env
 
 TINY = ["model=tiny", "dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64", "trainer.batch_size=2",
@@ -22,10 +23,10 @@ TINY = ["model=tiny", "dataset.num_train=8", "dataset.num_val=4", "dataset.image
 
 def run_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-m", "train_seg", "-m", *overrides, *TINY, f"paths.cache_dir={tmp_path / 'cache'}",
          f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=cli_env(), timeout=600)
     return result, sweep
 
 

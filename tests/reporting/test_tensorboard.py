@@ -3,7 +3,6 @@ which orders the experiment as the HPARAMS tab receives it, the custom-scalars p
 EventAccumulator), for a real 2-job sweep run through the command line and for hand-written runs."""
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import forkserver
 from conftest import cli_env
 from train_seg.reporting import overlays, plots
 from train_seg.reporting.events import eval_scalars
@@ -89,10 +89,10 @@ def _value(value):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tb_sweep")
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-m", "train_seg", "-m", "weighting=none,inverse", *TINY, *SWEEP_DATA,
          f"paths.cache_dir={root / 'cache'}", f"hydra.sweep.dir={root / 'sweep'}"],
-        cwd=root, env=cli_env() | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+        cwd=root, env=cli_env() | {"OMP_NUM_THREADS": "1"}, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "sweep"
 
