@@ -3,12 +3,12 @@ user's own composed from outside the package (slow: builds a wheel and a venv; s
 import json
 import shutil
 import site
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import forkserver
 from _dataset_fixtures import FOLDER_CLASSES, write_folder
 from conftest import ROOT, cli_env
 
@@ -18,7 +18,8 @@ TINY = ["model=tiny", "dataset.num_train=8", "dataset.num_val=4", "dataset.image
 
 
 def _run(args, cwd, timeout=600, env=None):
-    return subprocess.run(args, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    """The command as a subprocess (the installed venv's, pip's), or forked when it is this interpreter's train_seg."""
+    return forkserver.run(args, cwd=cwd, env=env or cli_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
