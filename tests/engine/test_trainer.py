@@ -54,6 +54,17 @@ def test_inverse_weighting_reaches_the_loss(make_cfg, tmp_path):
     assert torch.allclose(run.criterion.weight.double(), expected, rtol=1e-5)
 
 
+def test_logit_adjusted_loss_gets_the_training_pixel_shares_and_trains(make_cfg, tmp_path):
+    cfg = make_cfg("loss=logit_adjusted", "loss.tau=0.5", "trainer.max_steps=2", "model=tiny")
+    run = prepare(cfg, tmp_path / "run")
+    share = torch.as_tensor(run.stats.pixel_counts, dtype=torch.float64)
+    share = share / share.sum()
+    torch.testing.assert_close(run.criterion.log_prior.double(), share.clamp_min(1e-6).log(), rtol=1e-6, atol=1e-6)
+    assert run.criterion.tau == 0.5 and torch.equal(run.criterion.weight, torch.ones(4))  # weighting=none
+    record = train(cfg, tmp_path / "run2")
+    assert record["status"] == "completed" and math.isfinite(record["history"][-1]["train/loss"])
+
+
 def test_resume_continues_exactly(make_cfg, tmp_path, monkeypatch):
     import train_seg.engine.trainer as train_module
 

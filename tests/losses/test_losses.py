@@ -31,6 +31,7 @@ W3 = [0.5, 1.0, 2.0]  # class weights for the 3-class losses below
 MULTICLASS = {  # name -> factory of a 3-class loss
     "ce": lambda: L.CrossEntropyLoss(),
     "ce_smooth_weighted": lambda: L.CrossEntropyLoss(label_smoothing=0.1, weight=W3),
+    "logit_adjusted_weighted": lambda: L.LogitAdjustedLoss(prior=[0.85, 0.1, 0.05], weight=W3),
     "focal": lambda: L.FocalLoss(gamma=2.0),
     "focal_alpha_weighted": lambda: L.FocalLoss(gamma=0.5, alpha=0.25, weight=W3),
     "dice": lambda: L.DiceLoss(),
@@ -296,6 +297,63 @@ def test_cross_entropy_matches_torch(smoothing):
                                                      label_smoothing=smoothing), logits, target)[1]
         g_got = grad_of(L.CrossEntropyLoss(weight=w, label_smoothing=smoothing), logits, target)[1]
         torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def ref_logit_adjusted(logits, target, prior, tau, weight=None, floor=1e-6):
+    """Menon et al.'s loss written out per pixel in float64: -log(exp(z_y + tau log pi_y) / sum_c exp(z_c + tau
+    log pi_c)), weighted by w[y] and divided by the sum of the weights of the non-ignored pixels."""
+    n, c, h, w = logits.shape
+    numerator = denominator = 0.0
+    for b in range(n):
+        for i in range(h):
+            for j in range(w):
+                y = int(target[b, i, j])
+                if y == IGNORE:
+                    continue
+                shifted = [float(logits[b, k, i, j]) + tau * math.log(max(prior[k], floor)) for k in range(c)]
+                top = max(shifted)
+                log_norm = top + math.log(sum(math.exp(v - top) for v in shifted))
+                wy = 1.0 if weight is None else float(weight[y])
+                numerator += wy * (log_norm - shifted[y])
+                denominator += wy
+    return torch.tensor(numerator / max(denominator, 1e-12), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_logit_adjusted_matches_the_formula_written_out(tau, weighted):
+    logits, target = batch(c=4, seed=5)
+    prior = [0.8, 0.15, 0.05, 0.0]  # a class without training pixels gets the floor
+    weight = torch.tensor([0.5, 1.0, 2.0, 4.0]) if weighted else None
+    got = L.LogitAdjustedLoss(prior=prior, tau=tau, weight=weight, ignore_index=IGNORE)(logits, target)
+    torch.testing.assert_close(got.double(), ref_logit_adjusted(logits, target, prior, tau, weight), rtol=1e-5,
+                               atol=1e-6)
+    # its gradient is CE's at the shifted logits: softmax(z + tau log pi) - onehot(y), per pixel (unweighted)
+    shift = tau * torch.tensor(prior).clamp_min(1e-6).log().view(1, -1, 1, 1)
+    g_ref = grad_of(lambda x, y: F.cross_entropy(x + shift, y, weight=weight, ignore_index=IGNORE), logits, target)[1]
+    g_got = grad_of(L.LogitAdjustedLoss(prior=prior, tau=tau, weight=weight), logits, target)[1]
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_logit_adjusted_with_tau_one_is_balanced_softmax_and_tau_zero_is_ce():
+    logits, target = batch(c=3, seed=6, ignore_frac=0.0)
+    prior = torch.tensor([0.7, 0.2, 0.1])
+    # Balanced Softmax (Ren et al. 2020): -log(pi_y e^{z_y} / sum_c pi_c e^{z_c})
+    e = logits.double().exp() * prior.double().view(1, -1, 1, 1)
+    balanced = -(e.gather(1, target.unsqueeze(1)).squeeze(1) / e.sum(1)).log().mean()
+    torch.testing.assert_close(L.LogitAdjustedLoss(prior=prior, tau=1.0)(logits, target).double(), balanced,
+                               rtol=1e-5, atol=1e-6)
+    for weight, smoothing in ((None, 0.0), (W3, 0.1)):
+        logits, target = batch(c=3, seed=7)
+        adjusted = L.LogitAdjustedLoss(prior=prior, tau=0.0, weight=weight, label_smoothing=smoothing)
+        assert torch.equal(adjusted(logits, target),
+                           L.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)(logits, target))
+    assert torch.equal(L.LogitAdjustedLoss()(logits, target), L.CrossEntropyLoss()(logits, target))  # no prior
+    # a shift of the prior by a constant factor changes nothing (only ratios enter the softmax)
+    torch.testing.assert_close(L.LogitAdjustedLoss(prior=prior * 3)(logits, target),
+                               L.LogitAdjustedLoss(prior=prior)(logits, target))
+    with pytest.raises(ValueError, match=r"prior has 2 entries .*C=3"):
+        L.LogitAdjustedLoss(prior=[0.5, 0.5])(logits, target)
 
 
 @pytest.mark.parametrize("gamma, alpha", [(2.0, None), (0.5, 0.25), (1.0, [1.0, 0.5, 2.0, 0.1]), (3.0, None)])
@@ -729,6 +787,10 @@ BAD_ARGS = [
     (L.FocalLoss, {"alpha": 1.5}, "alpha must be <= 1"),
     (L.FocalLoss, {"alpha": [1.0, -2.0]}, "alpha must be finite and >= 0"),
     (L.CrossEntropyLoss, {"label_smoothing": 1.5}, "label_smoothing must be <= 1"),
+    (L.LogitAdjustedLoss, {"tau": -1}, "LogitAdjustedLoss: tau must be >= 0, got -1"),
+    (L.LogitAdjustedLoss, {"prior_floor": 0.0}, "prior_floor must be > 0"),
+    (L.LogitAdjustedLoss, {"prior": [0.5, -0.1]}, "prior must be finite and >= 0"),
+    (L.LogitAdjustedLoss, {"prior": [0.5, float("nan")]}, "prior must be finite and >= 0"),
     (L.CrossEntropyLoss, {"weight": [1.0, float("inf")]}, "weight must be finite"),
     (L.CrossEntropyLoss, {"weight": [0.0, 0.0]}, "at least one positive"),
     (L.CrossEntropyLoss, {"weight": [[1.0, 2.0]]}, "1-D"),
@@ -782,7 +844,7 @@ def test_forward_checks_class_vectors_and_binary_channels():
 
 
 def test_public_api_and_docstrings():
-    expected = {"CrossEntropyLoss", "FocalLoss", "DiceLoss", "GeneralizedDiceLoss", "TverskyLoss", "LovaszSoftmaxLoss",
+    expected = {"CrossEntropyLoss", "LogitAdjustedLoss", "FocalLoss", "DiceLoss", "GeneralizedDiceLoss", "TverskyLoss", "LovaszSoftmaxLoss",
                 "OhemCrossEntropyLoss", "WeightedSum", "BCEWithLogitsLoss", "SigmoidFocalLoss", "BinaryDiceLoss"}
     assert set(L.__all__) == expected
     for name in expected - {"WeightedSum"}:
@@ -800,6 +862,8 @@ def _instantiate_loss(node, weight):
     use_weights = spec.pop("class_weights", True)
     cls = hydra.utils.get_class(spec["_target_"])
     kwargs = {"weight": weight} if use_weights and "weight" in inspect.signature(cls).parameters else {}
+    if "prior" in inspect.signature(cls).parameters:
+        kwargs["prior"] = [0.7, 0.2, 0.08, 0.02]
     return hydra.utils.instantiate(spec, **kwargs)
 
 
@@ -847,6 +911,7 @@ def test_declared_attributes_match_the_constructor(name):
     """The independent check that ``binary`` and ``takes_class_weights`` do not lie."""
     cls = getattr(L, name)
     assert cls.takes_class_weights is ("weight" in inspect.signature(cls).parameters)
+    assert getattr(cls, "takes_class_prior", False) is ("prior" in inspect.signature(cls).parameters)
     if name == "WeightedSum":  # composition: its terms decide (an instance property)
         assert isinstance(inspect.getattr_static(cls, "binary"), property)
         return
@@ -867,6 +932,20 @@ def test_weighted_sum_is_binary_when_all_its_terms_are():
     assert L.WeightedSum({"ce": L.CrossEntropyLoss(), "dice": L.DiceLoss()}).binary is False
     assert L.WeightedSum({"bce": L.BCEWithLogitsLoss(), "dice": L.DiceLoss()}).binary is False  # a mix fits no head
     assert L.WeightedSum({"bce": L.BCEWithLogitsLoss(), "own": torch.nn.BCEWithLogitsLoss()}).binary is False
+
+
+def test_builder_injects_the_prior_where_a_loss_declares_takes_class_prior():
+    from train_seg.engine import builder as build
+    prior = torch.tensor([0.9, 0.08, 0.02])
+    node = OmegaConf.create({"_target_": "train_seg.losses.LogitAdjustedLoss", "tau": 0.5})
+    loss = build.build_criterion(node, None, prior)
+    torch.testing.assert_close(loss.log_prior, prior.log())
+    combo = build.build_criterion(OmegaConf.create({"_target_": "train_seg.losses.WeightedSum", "terms": {
+        "la": {"_target_": "train_seg.losses.LogitAdjustedLoss"}, "ce": {"_target_": "train_seg.losses.CrossEntropyLoss"}
+    }}), torch.tensor([1.0, 2.0, 3.0]), prior)
+    torch.testing.assert_close(combo.terms["la"].log_prior, prior.log())
+    assert torch.equal(combo.terms["la"].weight, torch.tensor([1.0, 2.0, 3.0])) and not hasattr(combo.terms["ce"],
+                                                                                                 "log_prior")
 
 
 def test_builder_reads_takes_class_weights():

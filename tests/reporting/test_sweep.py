@@ -91,7 +91,7 @@ SEEDS = "range(0,1)"  # the default seeds=1; `seeds=N` repeats every configurati
 
 @pytest.mark.parametrize("preset, expected", [
     ("weighting", {"weighting": "none,inverse,sqrt_inverse,median_freq,enet,effective_num", "seed": SEEDS}),
-    ("losses", {"loss": "ce,focal,dice,ce_dice", "seed": SEEDS}),
+    ("losses", {"loss": "ce,focal,dice,ce_dice,logit_adjusted", "seed": SEEDS}),
     ("loss_x_weighting", {"loss": "ce,focal,dice,ce_dice", "weighting": "none,inverse,median_freq", "seed": SEEDS}),
 ])
 def test_sweep_presets_set_the_sweeper_params_and_their_options_exist(preset, expected):

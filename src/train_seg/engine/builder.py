@@ -56,7 +56,7 @@ def build_run(cfg, run_dir: Path, settings: LoopSettings, context: RunContext) -
     weights = compute_class_weights(stats, **OmegaConf.to_container(cfg.weighting, resolve=True))
     class_names = list(sources["train"].class_names)
     model, train_model = build_train_model(cfg, settings, len(class_names), seed)
-    criterion = build_criterion(cfg.loss, weights).to(settings.device)
+    criterion = build_criterion(cfg.loss, weights, torch.as_tensor(stats.pixel_share)).to(settings.device)
     train_set = SegmentationDataset(sources["train"], build_transform(cfg.dataset, "train", seed))
     val_set = SegmentationDataset(sources["val"], build_transform(cfg.dataset, "val", seed))
     sampler = build_sampler(cfg.sampler, stats.presence, seed)
@@ -193,14 +193,15 @@ def build_loaders(trainer_cfg, train_set: SegmentationDataset, val_set: Segmenta
 
 
 # -- loss ------------------------------------------------------------------------------------------------------
-def build_criterion(loss_cfg, class_weights: torch.Tensor | None) -> nn.Module:
+def build_criterion(loss_cfg, class_weights: torch.Tensor | None, prior: torch.Tensor | None = None) -> nn.Module:
     """Builds the loss; ``class_weights`` go as ``weight=`` to every term whose constructor takes ``weight``
-    (unless the term sets ``class_weights: false`` or its own ``weight``). A ``WeightedSum`` node builds each of its
-    ``terms`` the same way."""
-    return _build_loss(plain_node(loss_cfg, "loss"), class_weights, "loss")
+    (unless the term sets ``class_weights: false`` or its own ``weight``), and the class ``prior`` (the training
+    split's pixel shares) as ``prior=`` to every term that declares ``takes_class_prior`` (unless it sets its own).
+    A ``WeightedSum`` node builds each of its ``terms`` the same way."""
+    return _build_loss(plain_node(loss_cfg, "loss"), class_weights, "loss", prior)
 
 
-def _build_loss(spec: dict, class_weights, key: str) -> nn.Module:
+def _build_loss(spec: dict, class_weights, key: str, prior=None) -> nn.Module:
     """Builds the loss node at ``key``. ``class_weights`` go as ``weight=`` to a loss class that declares
     ``takes_class_weights = True`` (every shipped loss whose constructor accepts ``weight``), unless the node sets
     ``class_weights: false`` or its own ``weight``. A class without that attribute (e.g. a user's own loss) gets
@@ -214,7 +215,7 @@ def _build_loss(spec: dict, class_weights, key: str) -> nn.Module:
         terms = spec.get("terms") or {}
         if not terms:
             raise ConfigError(f"{key}.terms is empty: a WeightedSum needs at least one term.")
-        built = {name: _build_loss(term, class_weights, f"{key}.terms.{name}") for name, term in terms.items()}
+        built = {name: _build_loss(term, class_weights, f"{key}.terms.{name}", prior) for name, term in terms.items()}
         return instantiate_node({"_target_": target, "weights": spec.get("weights") or {}}, key, terms=built)
     use_weights = spec.pop(CLASS_WEIGHTS_KEY, True)
     try:
@@ -226,6 +227,9 @@ def _build_loss(spec: dict, class_weights, key: str) -> nn.Module:
         if getattr(cls, "takes_class_weights", False) is True:
             spec.pop("weight", None)
             kwargs["weight"] = class_weights.clone()
+    if prior is not None and spec.get("prior") is None and getattr(cls, "takes_class_prior", False) is True:
+        spec.pop("prior", None)
+        kwargs["prior"] = prior.clone()
     try:
         return instantiate_node(spec, key, **kwargs)
     except ConfigError:

@@ -9,12 +9,13 @@ Each family is one module holding its functional form and its class: ``cross_ent
 ``dice`` (Dice, generalized Dice, Tversky), ``lovasz``, ``binary``, ``combo``; shared conventions, checks and
 helpers are in :mod:`train_seg.losses.base`. Every class except the composition ``WeightedSum`` derives from
 :class:`train_seg.losses.base.SegmentationLoss` and declares ``binary`` (one-channel sigmoid loss) and
-``takes_class_weights`` (its constructor accepts ``weight``, which the builder then injects).
+``takes_class_weights`` (its constructor accepts ``weight``, which the builder then injects); a loss that declares
+``takes_class_prior`` gets the training split's pixel shares as ``prior``.
 """
 
 from .binary import BCEWithLogitsLoss, BinaryDiceLoss, SigmoidFocalLoss
 from .combo import WeightedSum
-from .cross_entropy import CrossEntropyLoss
+from .cross_entropy import CrossEntropyLoss, LogitAdjustedLoss
 from .dice import DiceLoss, GeneralizedDiceLoss, TverskyLoss
 from .focal import FocalLoss
 from .lovasz import LovaszSoftmaxLoss
@@ -22,6 +23,7 @@ from .ohem import OhemCrossEntropyLoss
 
 __all__ = [
     "CrossEntropyLoss",
+    "LogitAdjustedLoss",
     "FocalLoss",
     "DiceLoss",
     "GeneralizedDiceLoss",

@@ -3,7 +3,8 @@
 :func:`pixel_log_prob_loss` is the weighted pixel mean ``sum_i s_i w[y_i] (1 - p_i)^gamma (-log p_i) /
 sum_i w[y_i]`` over non-ignored pixels ``i`` (``p_i = softmax(logits)_{i, y_i}``, ``s`` a numerator-only scale
 such as focal alpha, ``gamma = 0`` for cross-entropy), one autograd Function with a fused backward
-(:class:`PixelLogProbLoss`); :mod:`.focal` and :mod:`.ohem` build on it. Conventions: :mod:`.base`.
+(:class:`PixelLogProbLoss`); :mod:`.focal` and :mod:`.ohem` build on it. :class:`LogitAdjustedLoss` is
+cross-entropy on prior-shifted logits. Conventions: :mod:`.base`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import Tensor
 
 from .base import TINY, SegmentationLoss, check_number, float32_math, float32_on, pixel_weights, split_target
 
-__all__ = ["CrossEntropyLoss", "PixelLogProbLoss", "focal_terms", "pixel_log_prob_loss", "cross_entropy"]
+__all__ = ["CrossEntropyLoss", "LogitAdjustedLoss", "PixelLogProbLoss", "focal_terms", "pixel_log_prob_loss",
+           "cross_entropy", "log_prior"]
 
 
 class PixelLogProbLoss(torch.autograd.Function):
@@ -131,3 +133,62 @@ class CrossEntropyLoss(SegmentationLoss):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self.check_inputs(logits, target)
         return cross_entropy(logits, target, self.weight, self.ignore_index, self.label_smoothing)
+
+
+def log_prior(prior, floor: float) -> Tensor:
+    """``log(max(pi_c, floor))`` of a class prior ``(C,)`` (pixel shares; not renormalised: a constant shift of
+    every logit leaves the softmax unchanged). Raises ValueError when the prior is not finite and >= 0."""
+    prior = torch.as_tensor(prior, dtype=torch.float64).reshape(-1)
+    if prior.numel() == 0 or not bool(torch.isfinite(prior).all()) or bool((prior < 0).any()):
+        raise ValueError(f"LogitAdjustedLoss: prior must be finite and >= 0 per class, got {prior.tolist()}")
+    return prior.clamp_min(floor).log().float()
+
+
+class LogitAdjustedLoss(SegmentationLoss):
+    """Logit-adjusted cross-entropy: cross-entropy on ``logits + tau * log(prior)``.
+
+    Menon et al., "Long-tail learning via logit adjustment", ICLR 2021 (the logit-adjusted loss, eq. 10); with
+    ``tau = 1`` it is the Balanced Softmax of Ren et al., "Balanced Meta-Softmax for Long-Tailed Visual
+    Recognition", NeurIPS 2020. Formula: ``L = sum_i w[y_i] (-log q_{i,y_i}) / sum_i w[y_i]`` with ``q =
+    softmax(z_i + tau * log pi)``, ``z`` the logits, ``pi_c`` the prior of class ``c`` (the builder injects the
+    training split's pixel shares), ``w`` the class weights, ``i`` over the non-ignored pixels. A frequent class
+    gets a head start in training, so the model's raw logits (what prediction uses) learn to favour rare classes.
+
+    Args:
+        prior: ``(C,)`` class prior, >= 0 (None: uniform, i.e. plain cross-entropy); kept as ``log(max(pi,
+            prior_floor))`` in the non-persistent buffer ``log_prior``.
+        tau: adjustment strength >= 0; ``tau = 0`` is exactly :class:`CrossEntropyLoss`.
+        prior_floor: the share given to a class with no training pixels (> 0; ``log 0`` is ``-inf``).
+        weight, ignore_index, label_smoothing: as for :class:`CrossEntropyLoss`, applied to the shifted logits.
+    Shapes: logits ``(N, C, H, W)``, target ``(N, H, W)``; a scalar in float32 (autocast disabled).
+    """
+
+    binary = False
+    takes_class_weights = True
+    takes_class_prior = True
+    repr_fields = ("ignore_index", "tau", "prior_floor", "label_smoothing")
+
+    def __init__(self, prior=None, tau: float = 1.0, prior_floor: float = 1e-6, weight=None,
+                 ignore_index: int = 255, label_smoothing: float = 0.0):
+        super().__init__(ignore_index=ignore_index, weight=weight)
+        self.tau = check_number(self.owner, "tau", tau, low=0.0)
+        self.label_smoothing = check_number(self.owner, "label_smoothing", label_smoothing, low=0.0, high=1.0)
+        self.prior_floor = check_number(self.owner, "prior_floor", prior_floor, low=0.0, low_open=True)
+        vector = None if prior is None else log_prior(prior, self.prior_floor)
+        self.register_buffer("log_prior", vector, persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        vectors = {} if self.log_prior is None else {"prior": self.log_prior}
+        self.check_inputs(logits, target, **vectors)
+        return logit_adjusted_cross_entropy(logits, target, self.log_prior, self.tau, self.weight,
+                                            self.ignore_index, self.label_smoothing)
+
+
+@float32_math
+def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor | None, tau: float,
+                                 weight: Tensor | None = None, ignore_index: int = 255,
+                                 label_smoothing: float = 0.0) -> Tensor:
+    """:func:`cross_entropy` of ``logits + tau * log_prior`` (one value per class; None or ``tau = 0``: none)."""
+    if log_prior is not None and tau != 0:
+        logits = logits + (tau * float32_on(log_prior, logits)).view(1, -1, *([1] * (logits.dim() - 2)))
+    return cross_entropy(logits, target, weight, ignore_index, label_smoothing)
