@@ -153,14 +153,15 @@ def test_top_level_keys_and_defaults_match_the_readme():
     assert_in_sync("Top level", key_table("Top level"), scalars)
 
 
-@pytest.mark.parametrize("group", ["trainer", "paths"])
+@pytest.mark.parametrize("group", ["trainer", "paths", "metrics"])
 def test_typed_group_keys_and_defaults_match_the_readme(group):
     assert_in_sync(f"`{group}`", key_table(f"`{group}`"), composed()[group], prefix=f"{group}.")
 
 
 def test_readme_defaults_are_the_schema_defaults():
     """The README's defaults of the typed keys are the schema's (a YAML overriding one would also fail above)."""
-    documented = {"": key_table("Top level"), "trainer.": key_table("`trainer`"), "paths.": key_table("`paths`")}
+    documented = {"": key_table("Top level"), "trainer.": key_table("`trainer`"), "paths.": key_table("`paths`"),
+                  "metrics.": key_table("`metrics`")}
     for key, f in schema.schema_fields():
         prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
         name = key.rsplit(".", 1)[-1]

@@ -117,7 +117,11 @@ def test_completed_failed_and_interrupted_runs_read_back_through_the_schema(make
     assert rec.class_names == ["background", "lake", "road", "car"] and rec.rare_classes == ["car"]
     assert [h["epoch"] for h in rec.history] == ([1, 2] if error is None else [1])
     assert rec.final["epoch"] == (2 if error is None else 1)
-    assert set(rec.final["per_class"]["car"]) == {"pixel_share", "iou", "precision", "recall", "dice", "support"}
+    assert set(rec.final["per_class"]["lake"]) == {"pixel_share", "iou", "precision", "recall", "dice", "support"}
+    # the rare class also gets its object counts (metrics.objects=rare)
+    assert set(rec.final["per_class"]["car"]) == set(rec.final["per_class"]["lake"]) | {"objects"}
+    assert set(rec.final["per_class"]["car"]["objects"]) == {"objects", "found", "recall", "precision", "f1",
+                                                             "matched_iou"}
     assert rec.error == (None if error is None else record.describe_error(error))
     assert rec.to_dict() == json.loads((run_dir / "metrics.json").read_text())  # nothing outside the schema
 

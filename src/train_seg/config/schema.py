@@ -1,5 +1,5 @@
 """Typed schemas of the config: the one source of the defaults, types, one-line docs and allowed values of the
-top level, ``trainer`` and ``paths`` keys. Imports nothing heavy (it is imported by ``import train_seg``).
+top level, ``trainer``, ``paths`` and ``metrics`` keys. Imports nothing heavy (it is imported by ``import train_seg``).
 
 Each schema is a dataclass registered in Hydra's ConfigStore (``register_schemas``) that the YAML extends through
 its defaults list (``- base_trainer`` before ``_self_``), so Hydra checks types and refuses unknown keys at compose
@@ -194,6 +194,18 @@ class PathsConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """``metrics``: what each evaluation measures beyond the confusion matrix (configs/metrics/default.yaml)."""
+
+    objects: str = setting(
+        "rare", "object-level metrics (connected components matched at IoU > 0.5) for the rare classes, every class, "
+                "or none", Check(choices=("rare", "all", "none")))
+    min_object_pixels: int = setting(
+        16, "connected components smaller than this (pixels, in the evaluated resolution) are not objects, on either "
+            "side", Check(min=1))
+
+
+@dataclass
 class TrainConfig:
     """The top level of ``configs/train.yaml`` (which extends this): the scalar keys, then one node per group."""
 
@@ -216,6 +228,7 @@ class TrainConfig:
     optimizer: Any = group("configs/optimizer/")
     scheduler: Any = group("configs/scheduler/")
     trainer: Any = group("configs/trainer/ (TrainerConfig)")
+    metrics: Any = group("configs/metrics/ (MetricsConfig)")
     logger: Any = group("configs/logger/: one node per sink")
     summary: Any = group("the top-level `summary:` node of configs/train.yaml, if any (train_seg.reporting.summary)", None)
 
@@ -225,6 +238,7 @@ SCHEMAS = {
     "base_train": (None, TrainConfig),
     "base_trainer": ("trainer", TrainerConfig),
     "base_paths": ("paths", PathsConfig),
+    "base_metrics": ("metrics", MetricsConfig),
 }
 
 # Keys of groups without a schema, checked when the selected option has them (before any data is read).

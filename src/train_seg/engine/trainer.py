@@ -28,6 +28,7 @@ from train_seg.config.naming import current_job_context
 from train_seg.config.validation import resolve_device, resolve_precision, validate_config
 from train_seg.engine.loop import EpochProgress, LoopSettings, train_one_epoch
 from train_seg.evaluation.loop import evaluate
+from train_seg.evaluation.objects import object_counter
 from train_seg.reporting.events import Checkpoint, EpochEnd, EvalResult, Sink, TrainLog
 from train_seg.engine.signals import RunInterrupted, StopRequest
 from train_seg.engine.state import Run
@@ -263,9 +264,11 @@ def eval_inference(trainer: dict, settings: LoopSettings):
 
 def _evaluate(run: Run, epoch: int, stop=None) -> EvalResult:
     distributed.broadcast_buffers_(run.model)  # every rank evaluates the checkpoint's BatchNorm statistics
+    objects = object_counter(run.config.get("metrics"), run.rare, int(run.config["dataset"]["ignore_index"]))
     confusion = evaluate(run.model, run.val_loader, len(run.class_names), run.settings, desc=f"eval {epoch}",
-                         infer=eval_inference(run.config["trainer"], run.settings), stop=stop)
-    return EvalResult(epoch, run.global_step, confusion.matrix.cpu(), run.class_names, run.pixel_share, run.rare)
+                         infer=eval_inference(run.config["trainer"], run.settings), stop=stop, objects=objects)
+    return EvalResult(epoch, run.global_step, confusion.matrix.cpu(), run.class_names, run.pixel_share, run.rare,
+                      objects)
 
 
 def train(cfg, run_dir: str | Path) -> dict:

@@ -1,7 +1,7 @@
 """The one evaluation loop and the one inference step it is built on. ``predict_batch`` is every forward pass of
 inference (training's evaluation, overlays, ``evaluate``, ``predict``, export checks); ``evaluate`` accumulates one
-confusion matrix over a loader, reduced across processes once. Evaluation steps carry ``torch.profiler`` labels
-``train_seg.eval_forward`` and ``train_seg.eval_confusion``."""
+confusion matrix (and, when asked, the object counts) over a loader, reduced across processes once. Evaluation steps
+carry ``torch.profiler`` labels ``train_seg.eval_forward``, ``train_seg.eval_confusion`` and ``train_seg.eval_objects``."""
 from __future__ import annotations
 
 import time
@@ -14,6 +14,7 @@ from torch.profiler import record_function
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter(loader) a second time (extra workers)
 
 from train_seg.evaluation.metrics import ConfusionMatrix, predictions
+from train_seg.evaluation.objects import ObjectCounts
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
@@ -45,8 +46,10 @@ def predict_batch(model: nn.Module, images: torch.Tensor, device: torch.device, 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, num_classes: int, settings, desc: str = "eval",
              infer: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-             stop: Callable[[], bool] | None = None, confusion_device: torch.device | None = None) -> ConfusionMatrix:
-    """One confusion matrix over the whole loader, reduced across processes once.
+             stop: Callable[[], bool] | None = None, confusion_device: torch.device | None = None,
+             objects: ObjectCounts | None = None) -> ConfusionMatrix:
+    """One confusion matrix over the whole loader, reduced across processes once; ``objects`` (if given) counts
+    the objects of the same predictions (``train_seg.evaluation.objects``) and is reduced with it.
 
     ``settings`` gives ``device``, ``amp_dtype``, ``channels_last`` and ``progress`` (a ``LoopSettings``).
     ``infer(model, images) -> logits`` replaces the plain ``predict_batch`` (sliding windows, test-time augmentation:
@@ -65,9 +68,15 @@ def evaluate(model: nn.Module, loader, num_classes: int, settings, desc: str = "
             logits = (predict_batch(model, images, settings.device, settings.amp_dtype, settings.channels_last)
                       if infer is None else infer(model, images))
         with record_function("train_seg.eval_confusion"):
-            confusion.update(predictions(logits).to(confusion_device), targets.to(confusion_device, non_blocking=True))
+            labels = predictions(logits)
+            confusion.update(labels.to(confusion_device), targets.to(confusion_device, non_blocking=True))
+        if objects is not None:
+            with record_function("train_seg.eval_objects"):
+                objects.update(labels, targets)
         seen += images.shape[0]
         bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.1f}", refresh=False)
     bar.close()
     confusion.reduce()
+    if objects is not None:
+        objects.reduce()
     return confusion

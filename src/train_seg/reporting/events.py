@@ -16,6 +16,7 @@ overlays) run inference through ``train_seg.evaluation.loop.predict_batch``, whi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -23,6 +24,7 @@ import torch
 
 from train_seg.reporting import record
 from train_seg.evaluation.metrics import metrics_from_confusion
+from train_seg.evaluation.objects import OBJECT_KEYS, object_metrics
 
 # per-class metric -> TensorBoard tag segment; scalar metrics logged as val/<key>
 TAG_NAMES = {"iou": "IoU", "precision": "precision", "recall": "recall", "dice": "dice"}
@@ -30,16 +32,24 @@ SCALAR_KEYS = ("mIoU", "rare_mIoU", "pixel_acc", "mean_acc", "fwIoU")
 # val/pred_share/<class>: share of the evaluated pixels predicted as the class (0 = never predicted, where
 # val/precision/<class> is NaN and so has no point at all)
 PRED_SHARE = "pred_share"
+OBJECTS = "objects"  # val/objects/<recall|precision|f1|matched_iou|objects>/<class> (train_seg.evaluation.objects)
 
 
 def eval_scalars(metrics: dict, class_names: Sequence[str], confusion: torch.Tensor | None = None) -> dict[str, float]:
     """Flattens ``metrics_from_confusion`` output into ``{"val/mIoU": ..., "val/IoU/<class>": ...}``; with the
     confusion matrix (rows target, columns prediction) also ``val/pred_share/<class>`` = column sum / total (NaN
-    when no pixel was evaluated)."""
+    when no pixel was evaluated); with ``metrics["objects"]`` (``object_metrics``) ``val/objects/<key>/<class>``
+    for the classes whose objects were counted."""
     out = {f"val/{key}": float(metrics[key]) for key in SCALAR_KEYS if key in metrics}
     for key, tag in TAG_NAMES.items():
         for name, value in zip(class_names, metrics[key].tolist()):
             out[f"val/{tag}/{name}"] = float(value)
+    objects = metrics.get("objects")
+    if objects is not None:
+        for index, name in enumerate(class_names):
+            if not math.isnan(float(objects["objects"][index])):
+                for key in OBJECT_KEYS:
+                    out[f"val/{OBJECTS}/{key}/{name}"] = float(objects[key][index])
     if confusion is not None:
         predicted = confusion.detach().to("cpu", torch.float64).sum(0)
         total = float(predicted.sum())
@@ -60,7 +70,8 @@ class TrainLog:
 @dataclass
 class EvalResult:
     """One evaluation: the confusion matrix (rows target, columns prediction, on the CPU) and what follows from it.
-    ``pixel_share`` is the training split's class share (what "rare" means), ``rare`` the rare-class mask."""
+    ``pixel_share`` is the training split's class share (what "rare" means), ``rare`` the rare-class mask;
+    ``objects`` the ``ObjectCounts`` of the same pass (None: not counted), added to ``metrics`` as ``objects``."""
 
     epoch: int
     step: int
@@ -68,11 +79,14 @@ class EvalResult:
     class_names: list[str]
     pixel_share: list[float]
     rare: torch.Tensor
+    objects: Any = None
     metrics: dict = field(init=False)
     scalars: dict[str, float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = metrics_from_confusion(self.confusion, self.rare)
+        if self.objects is not None:
+            self.metrics["objects"] = object_metrics(self.objects.counts, self.objects.classes)
         self.scalars = eval_scalars(self.metrics, self.class_names, self.confusion)
 
     def entry(self) -> dict[str, Any]:

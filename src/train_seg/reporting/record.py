@@ -9,7 +9,8 @@ versioned by ``version`` (2; a file without it is version 1, same keys). Keys: `
 (best entry plus ``metric`` and ``value``; both null before the first evaluation), ``history`` (per completed
 epoch: ``epoch``, ``step``, ``train/loss``, ``train/seconds``, finite ``val/*`` scalars on evaluated epochs).
 An evaluation entry is ``{"epoch", "step", "val/<metric>", "val/IoU/<class>", ..., "per_class": {class:
-{"pixel_share", "iou", "precision", "recall", "dice", "support"}}}``; NaN is written as null.
+{"pixel_share", "iou", "precision", "recall", "dice", "support"[, "objects"]}}}`` (``objects``: object-level
+counts of the classes ``metrics.objects`` selects, ``train_seg.evaluation.objects``); NaN is written as null.
 """
 from __future__ import annotations
 
@@ -129,13 +130,18 @@ def json_float(value) -> float | None:
 
 def per_class_entries(metrics: Mapping, class_names: Sequence[str], pixel_share: Sequence[float]) -> dict[str, dict]:
     """``{class: {pixel_share, iou, precision, recall, dice, support}}`` from ``metrics_from_confusion`` output,
-    NaN as None."""
+    NaN as None; a class whose objects were counted (``metrics["objects"]``) also gets ``objects``: ``{objects,
+    found, recall, precision, f1, matched_iou}``."""
     entries = {}
+    objects = metrics.get("objects")
     for index, name in enumerate(class_names):
         entry: dict[str, Any] = {"pixel_share": float(pixel_share[index])}
         for key in PER_CLASS_KEYS:
             entry[key] = json_float(metrics[key][index])
         entry["support"] = int(metrics["support"][index])
+        if objects is not None and not math.isnan(float(objects["objects"][index])):
+            entry["objects"] = {key: json_float(values[index]) for key, values in objects.items()}
+            entry["objects"].update(objects=int(objects["objects"][index]), found=int(objects["found"][index]))
         entries[name] = entry
     return entries
 

@@ -13,22 +13,29 @@ log = logging.getLogger("train_seg")
 
 
 def format_class_table(metrics: dict, class_names: Sequence[str], pixel_share: Sequence[float], rare=None) -> str:
-    """Per-class console table: class, pixel share in the training split, IoU, precision, recall.
-    A NaN shows as ``absent`` (IoU: neither present nor predicted; recall: not in the target) or ``no pred``
-    (precision of a class that was never predicted), never as a fake 0 or 1."""
+    """Per-class console table: class, pixel share in the training split, IoU, precision, recall, and with
+    ``metrics["objects"]`` the objects found / in the ground truth, object recall and object precision of the
+    classes counted (blank for the others). A NaN shows as ``absent`` (IoU: neither present nor predicted; recall:
+    not in the target) or ``no pred`` (precision of a class that was never predicted), never as a fake 0 or 1."""
     width = max(12, *(len(n) for n in class_names))
+    objects = metrics.get("objects")
     header = f"{'class':<{width}}  {'share %':>8}  {'IoU':>7}  {'prec':>7}  {'recall':>7}"
+    if objects is not None:
+        header += f"  {'objects':>9}  {'obj rec':>7}  {'obj prec':>8}"
     lines = [header, "-" * len(header)]
 
-    def cell(value: float, nan_text: str = "absent") -> str:
-        return f"{nan_text:>7}" if math.isnan(value) else f"{value:7.4f}"
+    def cell(value: float, nan_text: str = "absent", size: int = 7) -> str:
+        return f"{nan_text:>{size}}" if math.isnan(value) else f"{value:{size}.4f}"
 
     for index, name in enumerate(class_names):
         tag = " (rare)" if rare is not None and bool(rare[index]) else ""
-        lines.append(
-            f"{name:<{width}}  {100 * pixel_share[index]:8.3f}  {cell(metrics['iou'][index].item())}  "
-            f"{cell(metrics['precision'][index].item(), 'no pred')}  {cell(metrics['recall'][index].item())}{tag}"
-        )
+        row = (f"{name:<{width}}  {100 * pixel_share[index]:8.3f}  {cell(metrics['iou'][index].item())}  "
+               f"{cell(metrics['precision'][index].item(), 'no pred')}  {cell(metrics['recall'][index].item())}")
+        if objects is not None and not math.isnan(float(objects["objects"][index])):
+            found = f"{int(objects['found'][index])}/{int(objects['objects'][index])}"
+            row += (f"  {found:>9}  {cell(float(objects['recall'][index]))}  "
+                    f"{cell(float(objects['precision'][index]), 'no pred', 8)}")
+        lines.append(row + tag)
     lines.append("-" * len(header))
     summary = f"mIoU {_fmt(metrics['mIoU'])}  pixel acc {_fmt(metrics['pixel_acc'])}  mean acc {_fmt(metrics['mean_acc'])}"
     if "rare_mIoU" in metrics:

@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from train_seg.reporting.events import PRED_SHARE, TAG_NAMES, EpochEnd, EvalResult, Sink, TrainLog
+from train_seg.evaluation.objects import counted_classes
+from train_seg.reporting.events import OBJECTS, PRED_SHARE, TAG_NAMES, EpochEnd, EvalResult, Sink, TrainLog
 
 # -- hparams ---------------------------------------------------------------------------------------------------
 _MISSING = object()
@@ -240,14 +241,15 @@ def _chart(tag: str) -> list:
 
 def custom_scalars_layout(class_names: Sequence[str], rare_names: Sequence[str] = (),
                           pixel_share: Sequence[float] | None = None,
-                          val_present: Sequence[bool] | None = None) -> dict:
+                          val_present: Sequence[bool] | None = None, object_names: Sequence[str] = ()) -> dict:
     """CUSTOM SCALARS layout: ONE tag per chart, so a chart has one curve per run, in the run's colour (a Multiline
     chart colours its curves by run and tells the tags of one run apart only by markers, assigned in the order the
     data arrives). No tag is on two charts, and no chart is given a tag that may never get a point:
 
     * ``rare classes``: per rare class (rarest first), its IoU, recall and ``val/pred_share`` (0 = never predicted;
-      its precision has no point then, so it stays in the Scalars tab); a class absent from the val split
-      (``val_present`` False) gets only the predicted share;
+      its precision has no point then, so it stays in the Scalars tab), and its object recall
+      (``val/objects/recall``) when it is in ``object_names``; a class absent from the val split (``val_present``
+      False) gets only the predicted share;
     * ``IoU per class, rarest first``: the other classes' IoU (those present in the val split, at most
       ``MAX_CLASS_CHARTS``), titled with their training pixel share;
     * ``overview``: ``val/mIoU``, ``val/rare_mIoU`` (when more than one rare class is in the val split; with one it
@@ -268,6 +270,8 @@ def custom_scalars_layout(class_names: Sequence[str], rare_names: Sequence[str] 
                 charts[f"{name}: IoU"] = _chart(f"val/{TAG_NAMES['iou']}/{name}")
                 charts[f"{name}: recall"] = _chart(f"val/{TAG_NAMES['recall']}/{name}")
                 charts[f"{name}: share of predicted pixels (0 = never predicted)"] = _chart(f"val/{PRED_SHARE}/{name}")
+                if name in object_names:
+                    charts[f"{name}: objects found (object recall, IoU > 0.5)"] = _chart(f"val/{OBJECTS}/recall/{name}")
             else:
                 charts[f"{name}: share of predicted pixels (absent from the val split: no IoU, no recall)"] = \
                     _chart(f"val/{PRED_SHARE}/{name}")
@@ -320,10 +324,12 @@ class TensorBoardLogger:
             self.writer.add_text(tag, f"{heading}\n\n{block}" if heading else block, step)
 
     def log_layout(self, class_names: Sequence[str], rare_names: Sequence[str] = (),
-                   pixel_share: Sequence[float] | None = None, val_present: Sequence[bool] | None = None) -> None:
+                   pixel_share: Sequence[float] | None = None, val_present: Sequence[bool] | None = None,
+                   object_names: Sequence[str] = ()) -> None:
         """The CUSTOM SCALARS layout (``custom_scalars_layout``); written once per run."""
         if self.writer is not None:
-            self.writer.add_custom_scalars(custom_scalars_layout(class_names, rare_names, pixel_share, val_present))
+            self.writer.add_custom_scalars(custom_scalars_layout(class_names, rare_names, pixel_share, val_present,
+                                                                 object_names))
 
     def log_hparams(self, hparams: dict[str, Any], metric_tags: Sequence[str], experiment: bool = True) -> None:
         """Registers this run in the HPARAMS tab: its session (its hyperparameters) and, with ``experiment``, an
@@ -405,7 +411,9 @@ class TensorBoardSink(Sink):
         self.tb.log_text("config", yaml.safe_dump(run.config, sort_keys=False), step)
         presence = np.asarray(run.val_stats.presence, dtype=bool).reshape(-1, len(run.class_names))
         val_present = presence.any(axis=0).tolist()  # classes of the val split (the others get no IoU chart)
-        self.tb.log_layout(run.class_names, run.rare_names, run.pixel_share, val_present)
+        counted = counted_classes(run.config.get("metrics"), run.rare)
+        self.tb.log_layout(run.class_names, run.rare_names, run.pixel_share, val_present,
+                           [run.class_names[i] for i in counted])
         job = run.context
         self.tb.log_hparams(hparams_from_config(run.config, hparam_keys(self.hparams, job.swept), job.choices),
                             hparam_metric_tags(run.class_names, run.config["optimized_metric"], run.pixel_share,
