@@ -172,6 +172,31 @@ def test_the_console_says_when_a_rare_class_is_starved():
     assert starved_note(never, names, share, torch.tensor([False, False])) == ""  # only rare classes
 
 
+def test_the_console_table_shows_objects_found_of_the_counted_classes():
+    import torch
+
+    from train_seg.reporting.events import EvalResult
+    from train_seg.evaluation.objects import ObjectCounts
+    from train_seg.reporting.sinks.console import format_class_table
+
+    objects = ObjectCounts(3, classes=[2], min_pixels=1, ignore_index=255)
+    objects.counts[2] = torch.tensor([8.0, 10.0, 6.0, 4.5])  # 8 objects, 10 predicted, 6 matched
+    result = EvalResult(1, 4, torch.tensor([[90, 2, 1], [3, 20, 0], [1, 0, 5]]), ["background", "lake", "car"],
+                        [0.9, 0.09, 0.01], torch.tensor([False, False, True]), objects)
+    lines = format_class_table(result.metrics, result.class_names, result.pixel_share, rare=result.rare).splitlines()
+    assert lines[0].split()[-5:] == ["objects", "obj", "rec", "obj", "prec"]
+    car = next(line for line in lines if line.startswith("car")).split()
+    assert car[-4:] == ["6/8", "0.7500", "0.6000", "(rare)"]
+    assert len(next(line for line in lines if line.startswith("lake")).split()) == 5  # no object columns
+    assert result.scalars["val/objects/recall/car"] == 0.75 and result.scalars["val/objects/matched_iou/car"] == 0.75
+    assert "val/objects/recall/lake" not in result.scalars
+    entry = result.entry()["per_class"]
+    assert entry["car"]["objects"] == {"objects": 8, "found": 6, "recall": 0.75, "precision": 0.6,
+                                       "f1": 2 * 6 / 18, "matched_iou": 0.75} and "objects" not in entry["lake"]
+    plain = EvalResult(1, 4, result.confusion, result.class_names, result.pixel_share, result.rare)
+    assert "objects" not in format_class_table(plain.metrics, plain.class_names, plain.pixel_share)
+
+
 def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     import os
 

@@ -385,3 +385,31 @@ def test_summary_names_the_record_file_only_through_train_seg_record():
     literals = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and id(node) not in docstrings
                 and isinstance(node.value, str) and "metrics.json" in node.value]
     assert literals == []
+
+
+def test_object_metrics_of_the_counted_classes_become_columns(tmp_path):
+    sweep = tmp_path / "sweep"
+    objects = {0: [(0.5, 0.25), (0.7, 0.45)], 1: [(0.9, 0.8), (1.0, 0.6)]}  # (object recall, precision) per seed
+    for config, (weighting, pairs) in enumerate(zip(("none", "inverse"), objects.values())):
+        for seed, (recall, precision) in enumerate(pairs):
+            job = fake_job(sweep, f"{2 * config + seed}_weighting={weighting},seed={seed}",
+                           [f"weighting={weighting}", f"seed={seed}"], "completed",
+                           {"background": 0.9, "car": 0.3, "lake": 0.7, "road": 0.3})
+            record = json.loads((job / "metrics.json").read_text())
+            record["final"]["per_class"]["car"]["objects"] = {"objects": 10, "found": int(10 * recall),
+                                                              "recall": recall, "precision": precision}
+            (job / "metrics.json").write_text(json.dumps(record))
+    summary = summarize(sweep)
+    assert summary.object_classes == ["car"]
+    header, rows = csv_rows(summary)
+    assert "object_recall/car" in header and "std/object_precision/car" in header
+    assert "object_recall/lake" in header  # every class has the columns; only counted ones have values
+    jobs = [r for r in rows if r["kind"] == "job"]
+    groups = [r for r in rows if r["kind"] == "group"]
+    assert [r["object_recall/car"] for r in jobs] == ["0.5", "0.7", "0.9", "1"] and jobs[0]["object_recall/lake"] == ""
+    assert float(groups[1]["object_precision/car"]) == pytest.approx(0.7)
+    assert float(groups[1]["std/object_precision/car"]) == pytest.approx(statistics.stdev([0.8, 0.6]), rel=1e-5)
+    text = markdown(summary)
+    assert "car objects R / P" in text and "lake objects" not in text
+    assert "| 0.600 ± 0.141 / 0.350 ± 0.141 |" in text  # configuration 0: recall, precision over two seeds
+    assert "| 0.900 / 0.800 |" in text  # job 2

@@ -299,6 +299,12 @@ def test_layout_gives_every_tag_one_chart_and_absent_classes_no_empty_chart():
     assert all(kind == "Multiline" for category in layout.values() for kind, _ in category.values())
     assert len(regexes) == len(set(regexes)) and all(r.startswith("^") and r.endswith("$") for r in regexes)
     assert "rare-class mIoU" not in layout["overview"]  # one rare class in val: it would repeat car's IoU
+    assert not any("objects found" in t for t in rare)
+    counted = custom_scalars_layout(CLASSES + ["boat"], ["car", "boat"], SHARE + [0.001],
+                                    val_present=[True, True, True, True, False], object_names=["car", "boat"])
+    assert counted["rare classes"]["car: objects found (object recall, IoU > 0.5)"] == \
+        ["Multiline", ["^val/objects/recall/car$"]]
+    assert not any(t.startswith("boat: objects") for t in counted["rare classes"])  # absent from val: no chart
     many = [f"c{i}" for i in range(MAX_CLASS_CHARTS + 5)]
     big = custom_scalars_layout(many, [], [1.0 / len(many)] * len(many))
     (title,) = [t for t in big if t.startswith("IoU per class")]

@@ -55,6 +55,8 @@ class JobResult:
     final_iou: dict[str, float] = field(default_factory=dict)
     final_recall: dict[str, float] = field(default_factory=dict)
     final_precision: dict[str, float] = field(default_factory=dict)
+    final_object_recall: dict[str, float] = field(default_factory=dict)  # classes whose objects were counted
+    final_object_precision: dict[str, float] = field(default_factory=dict)
     best_iou: dict[str, float] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
     pixel_share: dict[str, float] = field(default_factory=dict)
@@ -136,6 +138,11 @@ class SweepSummary:
     def not_completed(self) -> list[JobResult]:
         return [job for job in self.jobs if job.status != COMPLETED]
 
+    @property
+    def object_classes(self) -> list[str]:
+        """The classes some job counted objects for (``metrics.objects``), in the order of ``classes``."""
+        return [n for n in self.classes if any(n in job.final_object_recall for job in self.jobs)]
+
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for job in self.jobs:
@@ -193,6 +200,13 @@ def _by_class(entry: dict | None, key: str = "iou") -> dict[str, float]:
     return {name: _float((values or {}).get(key)) for name, values in per_class.items()}
 
 
+def _objects_by_class(entry: dict | None, key: str) -> dict[str, float]:
+    """``per_class[<class>]["objects"][key]`` of the classes whose objects were counted."""
+    per_class = (entry or {}).get("per_class") or {}
+    return {name: _float(values["objects"].get(key)) for name, values in per_class.items()
+            if isinstance((values or {}).get("objects"), dict)}
+
+
 def read_job(job_dir: str | Path, sweep_dir: str | Path) -> JobResult:
     """One job's row from its ``metrics.json`` (read through ``train_seg.reporting.record``) and ``.hydra/overrides.yaml``
     (never raises on a bad file: the row then says ``incomplete`` and ``error`` names the problem)."""
@@ -222,6 +236,8 @@ def _fill_from_record(job: JobResult, run: record.RunRecord) -> None:
     job.final_iou = _by_class(final)
     job.final_recall = _by_class(final, "recall")
     job.final_precision = _by_class(final, "precision")
+    job.final_object_recall = _objects_by_class(final, "recall")
+    job.final_object_precision = _objects_by_class(final, "precision")
     job.best_metric = best.get("metric") or run.optimized_metric
     job.best_value = _float(best.get("value"))
     job.best_epoch = best.get("epoch")
@@ -258,18 +274,23 @@ def _override_value(overrides: Sequence[str], key: str) -> str | None:
     return None
 
 
+CLASS_METRICS = ("IoU", "recall", "precision", "object_recall", "object_precision")
+
+
+def _class_values(job: JobResult, kind: str) -> dict[str, float]:
+    return {"IoU": job.final_iou, "recall": job.final_recall, "precision": job.final_precision,
+            "object_recall": job.final_object_recall, "object_precision": job.final_object_precision}[kind]
+
+
 def _group_metrics(job: JobResult, classes: Sequence[str]) -> dict[str, float]:
     """The metrics a configuration aggregates, from one job: final mIoU, rare mIoU, per-class IoU, recall,
-    precision (the names of summary.csv's columns)."""
+    precision, object recall and object precision (the names of summary.csv's columns)."""
     return {"final_mIoU": job.final_miou, "final_rare_mIoU": job.final_rare_miou,
-            **{f"IoU/{n}": job.final_iou.get(n, math.nan) for n in classes},
-            **{f"recall/{n}": job.final_recall.get(n, math.nan) for n in classes},
-            **{f"precision/{n}": job.final_precision.get(n, math.nan) for n in classes}}
+            **{f"{kind}/{n}": _class_values(job, kind).get(n, math.nan) for kind in CLASS_METRICS for n in classes}}
 
 
 def _metric_names(classes: Sequence[str]) -> list[str]:
-    return ["final_mIoU", "final_rare_mIoU", *(f"{kind}/{n}" for kind in ("IoU", "recall", "precision")
-                                                for n in classes)]
+    return ["final_mIoU", "final_rare_mIoU", *(f"{kind}/{n}" for kind in CLASS_METRICS for n in classes)]
 
 
 def group_jobs(jobs: Sequence[JobResult], classes: Sequence[str]) -> list[GroupResult]:
@@ -455,10 +476,9 @@ def csv_rows(summary: SweepSummary) -> tuple[list[str], list[dict[str, Any]]]:
     classes = summary.classes
     header = ["job", "num", "overrides", *keys, "kind", "group", "status", "n", "epochs", "best_epoch", "best_metric",
               "best_value", "best_mIoU", "final_mIoU", "best_rare_mIoU", "final_rare_mIoU",
-              *(f"IoU/{name}" for name in classes), *(f"recall/{name}" for name in classes),
-              *(f"precision/{name}" for name in classes),
+              *(f"{kind}/{name}" for kind in CLASS_METRICS for name in classes),
               "std/final_mIoU", "std/final_rare_mIoU",
-              *(f"std/{kind}/{name}" for kind in ("IoU", "recall", "precision") for name in classes),
+              *(f"std/{kind}/{name}" for kind in CLASS_METRICS for name in classes),
               "baseline", "beats_baseline", *(f"beats/{name}" for name in classes), "error"]
     group_of = {id(job): group.index for group in summary.groups for job in group.jobs}
     rows = []
@@ -470,9 +490,8 @@ def csv_rows(summary: SweepSummary) -> tuple[list[str], list[dict[str, Any]]]:
             "status": job.status, "epochs": job.epochs, "best_epoch": job.best_epoch, "best_metric": job.best_metric,
             "best_value": job.best_value, "best_mIoU": job.best_miou, "final_mIoU": job.final_miou,
             "best_rare_mIoU": job.best_rare_miou, "final_rare_mIoU": job.final_rare_miou,
-            **{f"IoU/{n}": job.final_iou.get(n, math.nan) for n in summary.classes},
-            **{f"recall/{n}": job.final_recall.get(n, math.nan) for n in summary.classes},
-            **{f"precision/{n}": job.final_precision.get(n, math.nan) for n in summary.classes},
+            **{f"{kind}/{n}": _class_values(job, kind).get(n, math.nan) for kind in CLASS_METRICS
+               for n in summary.classes},
             "error": job.error or "",
         }
         rows.append({k: _csv_cell(v) for k, v in row.items()})
@@ -558,7 +577,9 @@ def _groups_markdown(summary: SweepSummary, class_headers: list[str]) -> list[st
                  " ".join(group.seeds) or "–", _pm(group.mean["final_mIoU"], group.std["final_mIoU"]),
                  _pm(group.mean["final_rare_mIoU"], group.std["final_rare_mIoU"],
                      "n/a" if group.n else "–"), f"**{versus}**" if group.beats_baseline else versus,
-                 *(_group_class_cell(group, n) for n in summary.classes)]
+                 *(_group_class_cell(group, n) for n in summary.classes),
+                 *(" / ".join(_pm(group.mean[f"{kind}/{n}"], group.std[f"{kind}/{n}"])
+                              for kind in ("object_recall", "object_precision")) for n in summary.object_classes)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", "## Jobs", ""]
 
@@ -587,9 +608,14 @@ def markdown(summary: SweepSummary) -> str:
     lines.append(f"- Class columns: IoU at the final evaluation, classes by decreasing training pixel share. "
                  f"`best`: the evaluation kept as best.pt (highest `{metric}`). `absent`: the class is neither in "
                  "the val split nor predicted; `–`: no evaluation.")
+    if summary.object_classes:
+        lines.append("- `<class> objects R / P`: object recall / object precision at the final evaluation (connected "
+                     "components matched at IoU > 0.5, `metrics.objects`); `–`: no object in the truth / none "
+                     "predicted.")
     lines.append("")
     class_headers = [f"{n} {_share_text(s)}{' (rare)' if r else ''}"
                      for n, s, r in zip(summary.classes, summary.pixel_share, summary.rare)]
+    class_headers += [f"{n} objects R / P" for n in summary.object_classes]
     if summary.has_repeats:
         lines += _groups_markdown(summary, class_headers)
     header = ["job", "overrides", "status", "epochs", "best epoch", "best mIoU", "final mIoU", "rare mIoU",
@@ -603,7 +629,9 @@ def markdown(summary: SweepSummary) -> str:
                  "–" if job.epochs is None else str(job.epochs),
                  "–" if job.best_epoch is None else str(job.best_epoch),
                  _md(job.best_miou), _md(job.final_miou), _md(job.final_rare_miou, job, "n/a"),
-                 *(_md(job.final_iou.get(n, math.nan), job) for n in summary.classes)]
+                 *(_md(job.final_iou.get(n, math.nan), job) for n in summary.classes),
+                 *(f"{_md(job.final_object_recall.get(n, math.nan))} / "
+                   f"{_md(job.final_object_precision.get(n, math.nan))}" for n in summary.object_classes)]
         lines.append("| " + " | ".join(cells) + " |")
     problems = [job for job in summary.jobs if job.status != COMPLETED]
     if problems:
