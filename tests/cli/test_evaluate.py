@@ -19,6 +19,7 @@ from PIL import Image
 import forkserver
 from _dataset_fixtures import write_folder
 from evaluation.test_inference import trained_run
+from evaluation.test_objects import reference
 from train_seg.reporting import record
 from train_seg.checkpoint import CheckpointError
 from train_seg.config.command_line import compose
@@ -54,6 +55,10 @@ def test_pipeline_resolution_reproduces_the_runs_last_evaluation(run_dir, tmp_pa
         np.testing.assert_allclose(_per_class(final, key), _per_class(expected, key), rtol=0, atol=1e-6)
     for key in ("val/mIoU", "val/pixel_acc", "val/mean_acc", "val/fwIoU"):
         assert final[key] == pytest.approx(expected[key], abs=1e-6)
+    # the checkpoint's metrics.objects (rare): the same object counts as training's last evaluation
+    counted = [n for n in CLASSES if "objects" in expected["per_class"][n]]
+    assert counted == trained.rare_classes
+    assert [final["per_class"][n]["objects"] for n in counted] == [expected["per_class"][n]["objects"] for n in counted]
     assert (final["epoch"], final["step"]) == (expected["epoch"], expected["step"])
     assert out["class_stats"]["train"]["pixel_share"] == trained.class_stats["train"]["pixel_share"]
     assert out["rare_classes"] == trained.rare_classes and out["class_weights"] == trained.class_weights
@@ -106,7 +111,7 @@ def _independent_confusion(run_dir: Path, root: Path) -> np.ndarray:
     spec = next(s for s in state["config"]["dataset"]["transforms"]["val"] if s["_target_"].endswith("Normalize"))
     normalize = A.Normalize(**{k: v for k, v in spec.items() if k != "_target_"})
     confusion = np.zeros((4, 4), np.int64)
-    predicted, targets = [], []
+    predicted, targets, images = [], [], []
     for stem in sorted(SIZES):
         image = np.asarray(Image.open(root / "images" / "val" / f"{stem}.png").convert("RGB"))
         mask = np.asarray(Image.open(root / "masks" / "val" / f"{stem}.png")).astype(np.int64)
@@ -119,7 +124,8 @@ def _independent_confusion(run_dir: Path, root: Path) -> np.ndarray:
         confusion += np.bincount(mask[valid] * 4 + pred[valid], minlength=16).reshape(4, 4)
         predicted.append(pred.ravel())
         targets.append(mask.ravel())
-    return confusion, np.concatenate(predicted), np.concatenate(targets)
+        images.append((pred, mask))
+    return confusion, np.concatenate(predicted), np.concatenate(targets), images
 
 
 def _iou(confusion: np.ndarray) -> np.ndarray:
@@ -133,14 +139,15 @@ def test_original_resolution_on_mixed_sizes_matches_an_independent_computation(r
     masks = _write_mixed_folder(root)
     out = evaluate_checkpoint(eval_cfg(
         tmp_path, f"ckpt={run_dir / 'last.pt'}", "dataset=folder", f"dataset.root={root}",
-        f"dataset.classes=[{','.join(CLASSES)}]", "precision=32"))
+        f"dataset.classes=[{','.join(CLASSES)}]", "precision=32", "metrics.objects=all",
+        "metrics.min_object_pixels=3"))
     final = out["final"]
     assert final["evaluation"]["resolution"] == "original" and final["evaluation"]["images"] == 3
     # every labelled pixel of every image at its own size, nothing else
     hand = [sum(int((m == c).sum()) for k, m in masks.items() if k.startswith("val/")) for c in range(4)]
     assert [final["per_class"][n]["support"] for n in CLASSES] == hand
 
-    confusion, predicted, targets = _independent_confusion(run_dir, root)
+    confusion, predicted, targets, images = _independent_confusion(run_dir, root)
     rows = list(csv.reader((tmp_path / "eval" / "confusion.csv").read_text().splitlines()))
     np.testing.assert_array_equal(np.array([[int(v) for v in r[1:]] for r in rows[1:]]), confusion)
     expected = _iou(confusion)
@@ -153,6 +160,13 @@ def test_original_resolution_on_mixed_sizes_matches_an_independent_computation(r
         by_torchmetrics = metric(torch.from_numpy(predicted), torch.from_numpy(targets)).numpy()
         np.testing.assert_allclose(by_torchmetrics[~np.isnan(expected)], expected[~np.isnan(expected)], atol=1e-6)
     np.testing.assert_allclose(_per_class(final), expected, rtol=0, atol=1e-6)
+    # metrics.objects=all: every class's objects, as scipy labels and matches them image by image
+    for c, name in enumerate(CLASSES):
+        gt, pred, matched, iou_sum = np.sum([reference(p == c, m == c, m != 255, 3) for p, m in images], axis=0)
+        got = final["per_class"][name]["objects"]
+        assert (got["objects"], got["found"]) == (gt, matched), name
+        assert got["precision"] == (pytest.approx(matched / pred) if pred else None), name
+    assert sum(final["per_class"][n]["objects"]["objects"] for n in CLASSES) >= 3  # something to count
 
 
 # -- options and errors ----------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from train_seg.data.class_stats import compute_class_stats
 from train_seg.reporting.events import EvalResult
 from train_seg.engine.loop import LoopSettings
 from train_seg.evaluation.loop import evaluate
+from train_seg.evaluation.objects import OBJECT_MODES, object_counter
 from train_seg.evaluation.inference import InferenceSettings, infer_logits, to_model_input
 from train_seg.cli.args import ACCUMULATE, check, choice, integer, optional
 from train_seg.reporting.sinks.console import format_class_table, precision_name, starved_note
@@ -69,6 +70,7 @@ class Options:
     channels_last: bool | None
     progress: bool
     output_dir: Path
+    metrics: dict  # metrics.objects, metrics.min_object_pixels; None = the checkpoint's
 
 
 def read_options(cfg) -> Options:
@@ -79,6 +81,7 @@ def read_options(cfg) -> Options:
     inference = OmegaConf.to_container(cfg.inference, resolve=True)
     tta = OmegaConf.to_container(cfg.tta, resolve=True)
     names = {"flip": "tta.flip", "scales": "tta.scales", **{k: f"inference.{k}" for k in inference}}
+    metrics = OmegaConf.to_container(cfg.metrics, resolve=True) if cfg.get("metrics") is not None else {}
     return Options(
         ckpt=str(cfg.ckpt), split=check("split", cfg.split, choice(*SPLITS)),
         resolution=check("resolution", cfg.resolution, choice(*RESOLUTIONS)),
@@ -89,6 +92,9 @@ def read_options(cfg) -> Options:
         precision=None if cfg.precision is None else str(cfg.precision),
         channels_last=None if cfg.channels_last is None else bool(cfg.channels_last),
         progress=bool(cfg.progress), output_dir=Path(str(cfg.output_dir)),
+        metrics={"objects": check("metrics.objects", metrics.get("objects"), optional(choice(*OBJECT_MODES))),
+                 "min_object_pixels": check("metrics.min_object_pixels", metrics.get("min_object_pixels"),
+                                            optional(integer(1)))},
     )
 
 
@@ -208,9 +214,12 @@ def evaluate_checkpoint(cfg) -> dict:
     infer = partial(infer_logits, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
                     accumulate_device=accumulate, **options.infer.kwargs())
     settings = LoopSettings(device=device, amp_dtype=amp_dtype, channels_last=channels_last, progress=options.progress)
+    metrics_cfg = {**(meta.config.get("metrics") or {}), **{k: v for k, v in options.metrics.items() if v is not None}}
+    objects = object_counter(metrics_cfg, rare, meta.ignore_index)
     confusion = evaluate(model, make_loader(options, meta, source, batch_size), meta.num_classes, settings,
-                         desc=f"evaluate {options.split}", infer=infer, confusion_device=accumulate).matrix.cpu()
-    result = EvalResult(meta.epoch or 0, meta.step or 0, confusion, meta.class_names, share, rare)
+                         desc=f"evaluate {options.split}", infer=infer, confusion_device=accumulate,
+                         objects=objects).matrix.cpu()
+    result = EvalResult(meta.epoch or 0, meta.step or 0, confusion, meta.class_names, share, rare, objects)
     info = {"checkpoint": str(meta.path.resolve()), "dataset": name, "split": options.split,
             "resolution": options.resolution, "images": len(source), **options.infer.kwargs(),
             "batch_size": batch_size if options.resolution == "pipeline" or options.infer.mode == "slide" else 1,
