@@ -1,0 +1,167 @@
+"""Post-hoc calibration of the decision rule: per-class offsets added to the logits before the arg-max.
+
+``fit_offsets`` searches the offsets that maximise a metric of ``metrics_from_confusion`` on cached logits by
+coordinate ascent: class by class (class 0 stays at 0: a common shift changes nothing), every candidate offset of
+that class is scored on the confusion matrix it gives, the best is kept, and rounds repeat until none improves.
+The candidates are data-adaptive: the offsets at which some pixel's decision between this class and its best
+other class flips (quantiles of ``max_other - logit_c`` over the pixels of the class or predicted as it), so the
+grid follows each class's logit scale. Only improvements are kept, so the fitted metric never drops below the
+uncalibrated one. ``prior_offsets`` is the closed form ``-tau * log(prior)`` (post-hoc logit adjustment, Menon
+et al. 2021). ``LogitSample`` caches the logits and labels of the valid pixels of a split, subsampled uniformly to
+at most ``max_pixels`` (a seeded random priority per pixel keeps the lowest). ``Calibrated`` wraps a model so that
+every consumer of ``model(x)["out"]`` sees the offsets; ``calibration.json`` (``Calibration``) holds them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from train_seg.atomic import write_json_atomic
+from train_seg.evaluation.metrics import metrics_from_confusion
+
+FILENAME = "calibration.json"
+METHODS = ("fit", "prior")
+CALIBRATION_MODES = ("auto", "none")
+QUANTILE_POOL = 1_000_000
+
+
+@dataclass
+class Calibration:
+    """The content of ``calibration.json``: ``offsets`` (one per class, added to the logits), how they were found
+    (``method``, ``metric``, ``split``, ``tau``, ``pixels`` used), the metric ``before`` and ``after`` on that
+    split, per-class IoU before and after, and the checkpoint it belongs to (``checkpoint``, ``step``)."""
+
+    offsets: list[float]
+    class_names: list[str]
+    method: str
+    split: str
+    metric: str
+    before: float
+    after: float
+    checkpoint: str
+    step: int | None = None
+    tau: float | None = None
+    pixels: int = 0
+    iou_before: dict[str, float | None] = field(default_factory=dict)
+    iou_after: dict[str, float | None] = field(default_factory=dict)
+
+    def write(self, path: str | Path) -> Path:
+        return write_json_atomic(Path(path), asdict(self))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Calibration":
+        """Raises ValueError naming the file when it is not a calibration of this version."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path}: not a readable train_seg calibration ({exc}); delete it or run "
+                             "train_seg.cli.calibrate again.") from exc
+
+
+class Calibrated(nn.Module):
+    """``model`` whose ``out`` logits get ``offsets`` ``(K,)`` added (``aux`` untouched); the offsets are a buffer,
+    so exported graphs carry them."""
+
+    def __init__(self, model: nn.Module, offsets):
+        super().__init__()
+        self.model = model
+        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, x):
+        out = dict(self.model(x))
+        out["out"] = out["out"] + self.offsets.to(out["out"].dtype)
+        return out
+
+
+def prior_offsets(prior, tau: float, floor: float = 1e-6) -> torch.Tensor:
+    """``-tau * log(max(prior, floor))``, shifted so that class 0's offset is 0."""
+    from train_seg.losses.cross_entropy import log_prior
+
+    offsets = -float(tau) * log_prior(prior, floor).double()
+    return (offsets - offsets[0]).float()
+
+
+class LogitSample:
+    """Float32 logits ``(P, K)`` and labels ``(P,)`` of the valid pixels seen by ``add``, at most ``max_pixels``
+    of them: a uniform subsample (seeded) once more pixels were seen. ``seen`` counts every valid pixel."""
+
+    def __init__(self, max_pixels: int, ignore_index: int, seed: int = 0):
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+        self.max_pixels = int(max_pixels)
+        self.ignore_index = int(ignore_index)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.logits = torch.empty(0, 0)
+        self.labels = torch.empty(0, dtype=torch.int64)
+        self.keys = torch.empty(0)
+        self.seen = 0
+
+    def add(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """``logits`` ``(N, K, H, W)`` and ``target`` ``(N, H, W)`` of one batch (moved to the CPU)."""
+        logits = logits.detach().float().cpu().permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+        target = target.detach().cpu().reshape(-1).long()
+        valid = (target != self.ignore_index) & (target >= 0) & (target < logits.shape[1])
+        logits, target = logits[valid], target[valid]
+        self.seen += int(target.numel())
+        keys = torch.rand(target.numel(), generator=self.generator)
+        if self.logits.numel() == 0:
+            self.logits = logits.new_empty(0, logits.shape[1])
+        self.logits = torch.cat([self.logits, logits])
+        self.labels = torch.cat([self.labels, target])
+        self.keys = torch.cat([self.keys, keys])
+        if self.labels.numel() > self.max_pixels:
+            keep = torch.topk(self.keys, self.max_pixels, largest=False).indices.sort().values
+            self.logits, self.labels, self.keys = self.logits[keep], self.labels[keep], self.keys[keep]
+
+
+def confusion_of(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The ``(K, K)`` confusion matrix (rows truth) of ``argmax(logits + offsets)``."""
+    k = logits.shape[1]
+    predicted = (logits + offsets).max(1).indices
+    return torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+
+
+def score(confusion: torch.Tensor, metric: str, rare=None) -> float:
+    """``metric`` (``val/mIoU``, ``val/rare_mIoU``, ...) of a confusion matrix; NaN counts as -inf."""
+    value = metrics_from_confusion(confusion, rare)[metric.removeprefix("val/")]
+    return float("-inf") if value != value else float(value)
+
+
+def fit_offsets(logits: torch.Tensor, labels: torch.Tensor, metric: str, rare=None, rounds: int = 4,
+                candidates: int = 64) -> tuple[torch.Tensor, float, float]:
+    """``(offsets, before, after)``: the coordinate ascent of the module docstring on cached ``logits`` ``(P, K)``
+    and ``labels`` ``(P,)``, the scores those of the real arg-max; ``after >= before`` always."""
+    k = logits.shape[1]
+    offsets = torch.zeros(k)
+    before = best = score(confusion_of(logits, labels, offsets), metric, rare)
+    quantiles = torch.linspace(0.005, 0.995, candidates, dtype=torch.float64)
+    for _ in range(rounds):
+        improved = False
+        for c in range(1, k):
+            others = logits + offsets
+            others[:, c] = float("-inf")
+            best_other, other_class = others.max(1)
+            margin = best_other - logits[:, c]  # the pixel goes to c when offsets[c] > margin
+            near = (labels == c) | (margin < offsets[c])
+            pool = margin[near]
+            if pool.numel() == 0:
+                continue
+            pool = pool[:: pool.numel() // QUANTILE_POOL + 1]  # torch.quantile's input limit; ample for 64 values
+            for value in (torch.quantile(pool.double(), quantiles).float().unique() + 1e-4).tolist():
+                predicted = torch.where(margin < value, c, other_class)
+                result = score(torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k), metric, rare)
+                if result > best + 1e-12:
+                    best, improved = result, True
+                    offsets = offsets.clone()
+                    offsets[c] = value
+        if not improved:
+            break
+    after = score(confusion_of(logits, labels, offsets), metric, rare)
+    if after < before:  # an exact tie decided differently by the arg-max: keep the model's own rule
+        return torch.zeros(k), before, before
+    return offsets, before, after
