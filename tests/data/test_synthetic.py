@@ -112,3 +112,12 @@ def test_car_size_and_probability_options():
         SyntheticShapes("train", car_size=(12, 8))
     with pytest.raises(DatasetError, match="dataset.car_probability"):
         SyntheticShapes("train", car_probability=1.5)
+
+
+def test_the_calib_split_is_a_third_split_of_its_own():
+    calib, train, val = (SyntheticShapes(s, num_train=4, num_val=4, num_calib=3, image_size=64)
+                         for s in ("calib", "train", "val"))
+    assert len(calib) == 3 and calib.identity() != train.identity() and "calib" in calib.identity()
+    for other in (train, val):
+        assert not any(np.array_equal(calib.load_image(i), other.load_image(j)) for i in range(3) for j in range(3))
+    assert np.array_equal(calib.load_mask(1), SyntheticShapes("calib", num_calib=3, image_size=64).load_mask(1))

@@ -1,9 +1,11 @@
 """build.py: class weights reach every loss term that takes them; constructor errors come out unwrapped."""
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from train_seg.engine import builder as build
+from train_seg.engine.trainer import prepare
 from train_seg.config.validation import ConfigError
 from train_seg.losses import CrossEntropyLoss, DiceLoss, GeneralizedDiceLoss, WeightedSum
 
@@ -61,3 +63,22 @@ def test_loss_errors_name_the_problem(make_cfg, override, message):
 def test_missing_target_is_a_config_error():
     with pytest.raises(ConfigError, match="_target_"):
         build.build_criterion(OmegaConf.create({"ignore_index": 255}), None)
+
+
+def test_holdout_fraction_carves_a_disjoint_seeded_calib_split_out_of_train(make_cfg, tmp_path):
+    from train_seg.data.base import DatasetError, HeldOut
+
+    cfg = make_cfg("dataset.num_train=10", "+dataset.holdout_fraction=0.3", "+dataset.holdout_seed=5")
+    train, calib = (build.build_source(cfg.dataset, split) for split in ("train", "calib"))
+    assert isinstance(train, HeldOut) and (len(train), len(calib)) == (7, 3)
+    assert sorted([*train.indices, *calib.indices]) == list(range(10))
+    expected = sorted(np.random.default_rng(5).permutation(10)[:3])
+    assert calib.indices.tolist() == expected
+    whole = build.build_source(make_cfg("dataset.num_train=10").dataset, "train")
+    assert np.array_equal(calib.load_mask(0), whole.load_mask(expected[0]))
+    assert calib.describe(1) == whole.describe(expected[1]) and calib.identity() != train.identity()
+    assert len(build.build_source(cfg.dataset, "val")) == 4  # val is untouched
+    run = prepare(cfg, tmp_path / "run")
+    assert len(run.train_set) == 7  # training never sees the held-out images
+    with pytest.raises(DatasetError, match=r"dataset.holdout_fraction=1.5 needs a number in \(0, 1\)"):
+        build.build_source(make_cfg("+dataset.holdout_fraction=1.5").dataset, "train")

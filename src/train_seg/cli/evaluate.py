@@ -49,7 +49,7 @@ from train_seg.reporting.sinks.console import format_class_table, precision_name
 log = logging.getLogger("train_seg")
 
 PROG = "train_seg.cli.evaluate"
-SPLITS = ("val", "train", "test")
+SPLITS = ("val", "train", "test", "calib")
 RESOLUTIONS = ("original", "pipeline")
 CONFUSION_CSV, CONFUSION_PNG = "confusion.csv", "confusion.png"
 

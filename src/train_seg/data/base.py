@@ -79,6 +79,50 @@ class SegmentationSource(abc.ABC):
             raise DatasetError(f"{type(self).__name__}: the split is empty; check the dataset root and split files.")
 
 
+#: The split that post-hoc calibration fits on (``train_seg.cli.calibrate``): carved from train by
+#: ``dataset.holdout_fraction`` (any dataset), or the synthetic dataset's own third split.
+CALIB_SPLIT = "calib"
+
+
+class HeldOut(SegmentationSource):
+    """A seeded share of a source's items, or the rest of them: ``HeldOut(train, fraction, seed, held=True)`` is
+    the calibration split, ``held=False`` what training keeps; the two are disjoint and cover the source.
+
+    The held items are the first ``max(1, round(fraction * n))`` of ``numpy.random.default_rng(seed).permutation(n)``
+    (sorted). Raises ``DatasetError`` for a fraction outside (0, 1) or a source of fewer than 2 items."""
+
+    def __init__(self, source: SegmentationSource, fraction: float, seed: int, held: bool):
+        n = len(source)
+        if not 0.0 < float(fraction) < 1.0 or n < 2:
+            raise DatasetError(f"dataset.holdout_fraction={fraction!r} needs a number in (0, 1) and a training split "
+                               f"of at least 2 items (it has {n}); e.g. dataset.holdout_fraction=0.1.")
+        count = min(n - 1, max(1, round(float(fraction) * n)))
+        chosen = np.sort(np.random.default_rng(int(seed)).permutation(n)[:count])
+        self.indices = chosen if held else np.setdiff1d(np.arange(n), chosen)
+        self.source, self.fraction, self.seed, self.held = source, float(fraction), int(seed), bool(held)
+        self.class_names, self.palette, self.ignore_index = source.class_names, source.palette, source.ignore_index
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load_image(self, index: int) -> np.ndarray:
+        return self.source.load_image(int(self.indices[index]))
+
+    def load_mask(self, index: int) -> np.ndarray:
+        return self.source.load_mask(int(self.indices[index]))
+
+    def identity(self) -> str:
+        part = CALIB_SPLIT if self.held else "rest"
+        return f"{self.source.identity()}:holdout={self.fraction:g}@{self.seed}:{part}"
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(int(self.indices[index]))
+
+    def validate(self) -> None:
+        self.source.validate()
+        super().validate()
+
+
 #: ``dataset.on_bad_sample``: what a sample that cannot be read DURING training does (the checks before training
 #: read every mask and every header; a file can still be cut short or vanish later): ``error`` stops the run with
 #: the file named, ``skip`` drops the sample from its batch, logs it and counts it.

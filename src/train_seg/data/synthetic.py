@@ -16,7 +16,7 @@ from train_seg.data.base import DatasetError, SegmentationSource
 
 CLASS_NAMES = ["background", "lake", "road", "car"]
 PALETTE = [(0, 0, 0), (31, 119, 180), (255, 127, 14), (214, 39, 40)]
-_SPLIT_CODES = {"train": 0, "val": 1}
+_SPLIT_CODES = {"train": 0, "val": 1, "calib": 2}
 _VERSION = 1  # bump when the generator changes: it is part of identity(), so cached statistics are invalidated
 
 
@@ -24,8 +24,8 @@ class SyntheticShapes(SegmentationSource):
     """Deterministic synthetic imbalanced segmentation split.
 
     Args:
-        split: "train" or "val".
-        num_train, num_val: number of images in each split.
+        split: "train", "val" or "calib" (the split post-hoc calibration fits on).
+        num_train, num_val, num_calib: number of images in each split.
         image_size: side of the square images in pixels (object sizes scale with it; 128 is the reference).
         seed: dataset seed; images depend only on (seed, split, index).
         empty_fraction: share of images with no foreground at all.
@@ -46,6 +46,7 @@ class SyntheticShapes(SegmentationSource):
         split: str,
         num_train: int = 300,
         num_val: int = 100,
+        num_calib: int = 100,
         image_size: int = 128,
         seed: int = 0,
         empty_fraction: float = 0.15,
@@ -58,7 +59,8 @@ class SyntheticShapes(SegmentationSource):
     ):
         if split not in _SPLIT_CODES:
             raise DatasetError(f"dataset.split: expected one of {sorted(_SPLIT_CODES)}, got {split!r}.")
-        for key, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("image_size", image_size, 32)):
+        for key, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("num_calib", num_calib, 1),
+                                ("image_size", image_size, 32)):
             if int(value) < low:
                 raise DatasetError(f"dataset.{key} must be >= {low}, got {value}.")
         if not 0.0 <= float(empty_fraction) <= 1.0:
@@ -74,7 +76,7 @@ class SyntheticShapes(SegmentationSource):
                 "use 255 or -100."
             )
         self.split = split
-        self.length = int(num_train if split == "train" else num_val)
+        self.length = int({"train": num_train, "val": num_val, "calib": num_calib}[split])
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.empty_fraction = float(empty_fraction)

@@ -23,8 +23,8 @@ from train_seg import distributed
 from train_seg.config.instantiate import instantiate_node, plain_node
 from train_seg.config.naming import RunContext
 from train_seg.config.validation import ConfigError
-from train_seg.data.base import (SegmentationDataset, SegmentationSource, check_on_bad_sample, seed_pipeline,
-                                 skip_bad_samples)
+from train_seg.data.base import (CALIB_SPLIT, HeldOut, SegmentationDataset, SegmentationSource, check_on_bad_sample,
+                                 seed_pipeline, skip_bad_samples)
 from train_seg.data.class_stats import compute_class_stats
 from train_seg.data.order import EpochOrder, SeededSamples
 from train_seg.engine import runtime
@@ -34,7 +34,7 @@ from train_seg.losses.weighting import class_weights as compute_class_weights
 from train_seg.models import build_model
 
 # Keys of a dataset node that are not constructor arguments (``on_bad_sample`` goes to the SegmentationDataset).
-RESERVED_DATASET_KEYS = ("transforms", "name", "on_bad_sample")
+RESERVED_DATASET_KEYS = ("transforms", "name", "on_bad_sample", "holdout_fraction", "holdout_seed")
 # Key of a loss (term) node: false keeps that term unweighted even when a weighting scheme is selected.
 CLASS_WEIGHTS_KEY = "class_weights"
 WEIGHTED_SUM = "train_seg.losses.WeightedSum"
@@ -127,10 +127,16 @@ def total_training_steps(trainer_cfg, epoch_steps: int, num_images: int) -> int:
 # -- data ------------------------------------------------------------------------------------------------------
 def build_source(dataset_cfg, split: str) -> SegmentationSource:
     """One split of the dataset; its ``on_bad_sample`` attribute is ``dataset.on_bad_sample`` (default error), which
-    the SegmentationDataset wrapping it follows."""
+    the SegmentationDataset wrapping it follows. With ``dataset.holdout_fraction`` set, ``calib`` is that seeded
+    share of the training split (``holdout_seed``, default 0) and ``train`` the rest (``data.base.HeldOut``)."""
     plain = plain_node(dataset_cfg, "dataset")
     on_bad_sample = check_on_bad_sample(plain.get("on_bad_sample") or "error")
-    source = instantiate_node({k: v for k, v in plain.items() if k not in RESERVED_DATASET_KEYS}, "dataset", split=split)
+    fraction = plain.get("holdout_fraction")
+    held = fraction is not None and split in ("train", CALIB_SPLIT)
+    arguments = {k: v for k, v in plain.items() if k not in RESERVED_DATASET_KEYS}
+    source = instantiate_node(arguments, "dataset", split="train" if held else split)
+    if held:
+        source = HeldOut(source, fraction, int(plain.get("holdout_seed") or 0), held=split == CALIB_SPLIT)
     source.on_bad_sample = on_bad_sample
     return source
 
