@@ -11,12 +11,16 @@ Every value is a tensor, a number, a string or a container of those, so ``torch.
   ``weights``/``weights_backbone`` ignored: the file holds every weight), weights loaded strictly, in eval mode,
   with a ``CheckpointMeta``.
 * ``convert``: an older file holding Python objects -> one the safe reader accepts.
+* ``calibration.json`` beside a checkpoint (``Calibration``, written by ``train_seg.cli.calibrate``): per-class
+  logit offsets that ``open_checkpoint(calibration="auto")`` applies to the model (``Calibrated``) when they were
+  fitted on that very file (same name and step).
 """
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from train_seg.atomic import atomic_write
+from train_seg.atomic import atomic_write, write_json_atomic
 from train_seg.config.legacy import current_targets
 
 CHECKPOINT_VERSION = 1
@@ -32,6 +36,8 @@ REQUIRED = ("model", "config", "class_names", "version")  # the entries of every
 PREFER = ("best", "last")  # what a run directory may give: best.pt (best optimized_metric) or last.pt
 # albumentations.Normalize's defaults (used when the val pipeline's Normalize does not set them)
 _DEFAULT_MEAN, _DEFAULT_STD, _DEFAULT_MAX_PIXEL = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 255.0
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_MODES = ("auto", "none")  # auto: apply a calibration.json fitted on the checkpoint; none: never
 
 
 class CheckpointError(ValueError):
@@ -222,6 +228,7 @@ class CheckpointMeta:
     path: Path | None = None
     epoch: int | None = None
     step: int | None = None
+    calibration: Any = None  # the Calibration applied to the model (open_checkpoint), else None
 
     @property
     def num_classes(self) -> int:
@@ -291,22 +298,108 @@ def build_checkpoint_model(state: Mapping[str, Any], meta: CheckpointMeta) -> nn
     return model.eval()
 
 
-def open_checkpoint(spec: str | Path, device: str | torch.device = "cpu",
-                    option: str = "ckpt") -> tuple[nn.Module, CheckpointMeta, dict]:
+def open_checkpoint(spec: str | Path, device: str | torch.device = "cpu", option: str = "ckpt",
+                    calibration: str = "auto") -> tuple[nn.Module, CheckpointMeta, dict]:
     """``load_checkpoint_model`` that also returns the checkpoint's full content (class weights, history...)."""
     path = find_checkpoint(spec, prefer="best", option=option)
     state = read_checkpoint(path)
     meta = checkpoint_meta(state, path)
-    model = build_checkpoint_model(state, meta).to(torch.device(device))
-    return model, meta, state
+    model = build_checkpoint_model(state, meta)
+    found = calibration_of(meta, calibration)
+    if found is not None:
+        model = Calibrated(model, found.offsets).eval()
+        meta = replace(meta, calibration=found)
+    return model.to(torch.device(device)), meta, state
 
 
-def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
+                          calibration: str = "auto") -> tuple[nn.Module, CheckpointMeta]:
     """``(model in eval mode on device, CheckpointMeta)`` from a checkpoint file or a run directory (its best.pt,
-    else its last.pt). Raises ``CheckpointError`` (one paragraph) for a missing path, a file that is truncated or
-    not a checkpoint, and weights that do not fit the model."""
-    model, meta, _ = open_checkpoint(path, device)
+    else its last.pt), with the offsets of its ``calibration.json`` applied when ``calibration="auto"`` (see
+    ``calibration_of``; ``meta.calibration`` says which). Raises ``CheckpointError`` (one paragraph) for a missing
+    path, a file that is truncated or not a checkpoint, weights that do not fit the model, and a calibration
+    that no longer fits the file."""
+    model, meta, _ = open_checkpoint(path, device, calibration=calibration)
     return model, meta
+
+
+# -- post-hoc calibration ----------------------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    """The content of ``calibration.json``: ``offsets`` (one per class, added to the logits), how they were found
+    (``method``, ``metric``, ``split``, ``tau``, ``pixels`` used), the metric ``before`` and ``after`` on that
+    split, per-class IoU before and after, and the checkpoint it belongs to (``checkpoint``, ``step``)."""
+
+    offsets: list[float]
+    class_names: list[str]
+    method: str
+    split: str
+    metric: str
+    before: float
+    after: float
+    checkpoint: str
+    step: int | None = None
+    tau: float | None = None
+    pixels: int = 0
+    iou_before: dict[str, float | None] = field(default_factory=dict)
+    iou_after: dict[str, float | None] = field(default_factory=dict)
+
+    def write(self, path: str | Path) -> Path:
+        return write_json_atomic(Path(path), asdict(self))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Calibration":
+        """Raises ValueError naming the file when it is not a calibration of this version."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path}: not a readable train_seg calibration ({exc}); delete it or run "
+                             "train_seg.cli.calibrate again.") from exc
+
+
+class Calibrated(nn.Module):
+    """``model`` whose ``out`` logits get ``offsets`` ``(K,)`` added (``aux`` untouched); the offsets are a buffer,
+    so exported graphs carry them."""
+
+    def __init__(self, model: nn.Module, offsets):
+        super().__init__()
+        self.model = model
+        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(x)
+        result: dict[str, torch.Tensor] = {}
+        for key, value in out.items():
+            result[key] = value
+        result["out"] = out["out"] + self.offsets.to(out["out"].dtype)
+        return result
+
+
+def calibration_of(meta: CheckpointMeta, mode: str = "auto") -> Calibration | None:
+    """The calibration to apply to the checkpoint of ``meta``: with ``mode="auto"``, the ``calibration.json``
+    beside it when it was fitted on a file of that name (None otherwise, and always with ``"none"``). Raises
+    ``CheckpointError`` for an unknown mode, an unreadable file, or one fitted on the same name at another step or
+    with other classes (the checkpoint changed since: calibrate again, or calibration=none)."""
+    if mode not in CALIBRATION_MODES:
+        raise CheckpointError(f"calibration={mode!r} is not valid; choose auto (apply the run's calibration.json "
+                              "when it was fitted on this checkpoint) or none.")
+    if mode == "none" or meta.path is None or not (meta.path.parent / CALIBRATION_FILE).is_file():
+        return None
+    where = meta.path.parent / CALIBRATION_FILE
+    try:
+        found = Calibration.read(where)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    if Path(found.checkpoint).name != meta.path.name:
+        return None
+    if found.step != meta.step or found.class_names != meta.class_names or len(found.offsets) != meta.num_classes:
+        raise CheckpointError(
+            f"{where} was fitted on {found.checkpoint} at step {found.step} with classes {found.class_names}, but "
+            f"{meta.path} is now at step {meta.step} with classes {meta.class_names}: run train_seg.cli.calibrate "
+            "again, or pass calibration=none to use the checkpoint as trained.")
+    return found
+
 
 
 # -- older files -------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_masks_and_overlays_for_every_mode_and_size(run_dir, loaded, tmp_path, m
     model, meta = loaded
     if model_kind == "stand-in":
         model = ConvModel(classes=len(CLASSES)).eval()
-        monkeypatch.setattr(checkpoint, "load_checkpoint_model", lambda path, device: (model, meta))
+        monkeypatch.setattr(checkpoint, "load_checkpoint_model", lambda path, device, calibration="auto": (model, meta))
     images = write_modes(tmp_path / "in")
     out = tmp_path / "out"
     assert run(f"--ckpt={run_dir / 'last.pt'}", f"--input={tmp_path / 'in'}", f"--output={out}") == 0

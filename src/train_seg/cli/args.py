@@ -152,8 +152,13 @@ def make_parser(name: str, description: str, epilog: str = "Exit status: 0 done,
 
 
 def add_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """``--ckpt`` and ``--calibration`` (auto | none: the offsets of the run's calibration.json, or never)."""
     parser.add_argument("--ckpt", type=text, required=True, metavar="PATH",
                         help="checkpoint file (best.pt / last.pt) or run directory (its best.pt, else last.pt)")
+    parser.add_argument("--calibration", type=choice("auto", "none"), default="auto",
+                        help="auto: apply the logit offsets of the calibration.json beside the checkpoint when they "
+                             "were fitted on it (train_seg.cli.calibrate) | none: the model as trained "
+                             "(default: auto)")
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:

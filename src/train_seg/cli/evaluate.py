@@ -33,7 +33,7 @@ from train_seg.engine import builder as build
 
 from train_seg.reporting import record
 from train_seg.atomic import atomic_write
-from train_seg.checkpoint import CheckpointError, CheckpointMeta, open_checkpoint
+from train_seg.checkpoint import CALIBRATION_MODES, CheckpointError, CheckpointMeta, open_checkpoint
 from train_seg.config.command_line import CONFIG_DIR, USER_ERRORS, exit_with_user_error, report_hydra_errors
 from train_seg.config.validation import PRECISIONS, ConfigError, normalize_precision, resolve_device, resolve_precision
 from train_seg.data.base import DatasetError, SegmentationDataset, SegmentationSource
@@ -59,6 +59,7 @@ class Options:
     """The checked keys of configs/evaluate.yaml."""
 
     ckpt: str
+    calibration: str
     split: str
     resolution: str
     infer: InferenceSettings
@@ -83,7 +84,8 @@ def read_options(cfg) -> Options:
     names = {"flip": "tta.flip", "scales": "tta.scales", **{k: f"inference.{k}" for k in inference}}
     metrics = OmegaConf.to_container(cfg.metrics, resolve=True) if cfg.get("metrics") is not None else {}
     return Options(
-        ckpt=str(cfg.ckpt), split=check("split", cfg.split, choice(*SPLITS)),
+        ckpt=str(cfg.ckpt), calibration=check("calibration", cfg.get("calibration", "auto"), choice(*CALIBRATION_MODES)),
+        split=check("split", cfg.split, choice(*SPLITS)),
         resolution=check("resolution", cfg.resolution, choice(*RESOLUTIONS)),
         infer=InferenceSettings.from_mapping({**inference, **tta}, names=names),
         accumulate=check("inference.accumulate", inference.get("accumulate", "device"), choice(*ACCUMULATE)),
@@ -198,7 +200,10 @@ def evaluate_checkpoint(cfg) -> dict:
                            "an earlier evaluation or a training run", "Leave output_dir at its default (a new "
                            "timestamped directory under outputs/evaluate/) or choose a new one.")
     device = resolve_device(options.device, key="device")
-    model, meta, state = open_checkpoint(options.ckpt, device)
+    model, meta, state = open_checkpoint(options.ckpt, device, calibration=options.calibration)
+    if meta.calibration is not None and meta.calibration.split == options.split:
+        log.warning("the calibration of %s was fitted on this very split (%s): these numbers are not held-out; "
+                    "evaluate another split, or pass calibration=none", meta.path, options.split)
     amp_dtype, channels_last, batch_size = run_settings(options, meta, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -223,20 +228,32 @@ def evaluate_checkpoint(cfg) -> dict:
     info = {"checkpoint": str(meta.path.resolve()), "dataset": name, "split": options.split,
             "resolution": options.resolution, "images": len(source), **options.infer.kwargs(),
             "batch_size": batch_size if options.resolution == "pipeline" or options.infer.mode == "slide" else 1,
-            "device": str(device), "precision": precision_name(amp_dtype), "channels_last": channels_last}
+            "device": str(device), "precision": precision_name(amp_dtype), "channels_last": channels_last,
+            "calibration": calibration_info(meta)}
     _report(result, meta, info)
     payload = evaluation_record(result, meta, state, train_stats, info)
     write_outputs(options.output_dir, payload, result, f"{name} {options.split}, {options.resolution} resolution")
     return payload.to_dict()
 
 
+def calibration_info(meta: CheckpointMeta) -> dict | None:
+    """What metrics.json's ``evaluation.calibration`` says of the offsets applied (None: the model as trained)."""
+    found = meta.calibration
+    if found is None:
+        return None
+    return {"offsets": dict(zip(meta.class_names, found.offsets)), "method": found.method, "split": found.split,
+            "metric": found.metric}
+
+
 def _report(result: EvalResult, meta: CheckpointMeta, info: dict) -> None:
     table = format_class_table(result.metrics, result.class_names, result.pixel_share, rare=result.rare)
     note = starved_note(result.metrics, result.class_names, result.pixel_share, result.rare)
-    log.info("%s (epoch %s) on %s, %s split (%d images), %s resolution, %s inference%s:\n%s%s", meta.path,
+    calibrated = info.get("calibration")
+    log.info("%s (epoch %s) on %s, %s split (%d images), %s resolution, %s inference%s%s:\n%s%s", meta.path,
              meta.epoch, info["dataset"], info["split"], info["images"], info["resolution"], info["mode"],
-             ", flip + scales " + str(info["scales"]) if info["flip"] or info["scales"] != [1.0] else "", table,
-             f"\n{note}" if note else "")
+             ", flip + scales " + str(info["scales"]) if info["flip"] or info["scales"] != [1.0] else "",
+             "" if calibrated is None else f", calibrated on {calibrated['split']} ({calibrated['method']}, "
+             f"{calibrated['metric']})", table, f"\n{note}" if note else "")
 
 
 def evaluation_record(result: EvalResult, meta: CheckpointMeta, state: dict, train_stats: dict,

@@ -58,10 +58,14 @@ class LogitsOnly(nn.Module):
 
 
 def logits_only(model):
-    """The exported module: the model without its auxiliary head, returning ``model(x)["out"]``, in eval mode."""
-    if getattr(model, "aux_classifier", None) is not None:
-        del model.aux_classifier  # a plain None attribute, as in a model built without it (TorchScript: a constant)
-        model.aux_classifier = None
+    """The exported module: the model without its auxiliary head, returning ``model(x)["out"]`` (its calibration
+    offsets included, ``checkpoint.Calibrated``), in eval mode."""
+    from train_seg.checkpoint import Calibrated
+
+    inner = model.model if isinstance(model, Calibrated) else model
+    if getattr(inner, "aux_classifier", None) is not None:
+        del inner.aux_classifier  # a plain None attribute, as in a model built without it (TorchScript: a constant)
+        inner.aux_classifier = None
     return LogitsOnly(model).eval()
 
 
@@ -85,6 +89,10 @@ def export_metadata(meta, exporter: str) -> dict:
         "ignore_index": meta.ignore_index,
         "arch": meta.arch,
         "checkpoint": {"path": str(meta.path), "epoch": meta.epoch, "step": meta.step},
+        "calibration": None if meta.calibration is None else {
+            "offsets": list(meta.calibration.offsets), "method": meta.calibration.method,
+            "split": meta.calibration.split, "metric": meta.calibration.metric,
+            "note": "already added to the output logits by the graph"},
         "exporter": exporter,
         "torch_version": torch.__version__,
     }
@@ -174,6 +182,7 @@ def read_metadata(path: str | Path) -> dict:
 @dataclass(frozen=True)
 class Options:
     ckpt: str
+    calibration: str
     format: str
     output: Path
     overwrite: bool
@@ -209,7 +218,7 @@ def read_options(argv: Sequence[str] | None) -> Options:
     if (output.exists() or output.is_symlink()) and not v.overwrite:
         raise ConfigError(f"--output {output} already exists; pass --overwrite to replace it, or choose another "
                           "file name. Nothing was written.")
-    return Options(ckpt=v.ckpt, format=v.format, output=output, overwrite=v.overwrite, opset=v.opset,
+    return Options(ckpt=v.ckpt, calibration=v.calibration, format=v.format, output=output, overwrite=v.overwrite, opset=v.opset,
                    sample_size=v.sample_size, verify=v.verify)
 
 
@@ -236,7 +245,7 @@ def export_checkpoint(options: Options) -> tuple[dict, float | None]:
 
     if options.format == "onnx":
         require_onnx(options.verify)
-    model, meta = load_checkpoint_model(options.ckpt, "cpu")
+    model, meta = load_checkpoint_model(options.ckpt, "cpu", calibration=options.calibration)
     module = logits_only(model)
     if options.format == "onnx":
         exporter = f"torch.onnx.export (TorchScript-based, dynamo=False), opset {options.opset}"

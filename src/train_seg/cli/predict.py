@@ -66,6 +66,7 @@ class Options:
     """The checked command line."""
 
     ckpt: str
+    calibration: str
     inputs: tuple[str, ...]
     output: Path
     overwrite: bool
@@ -88,7 +89,7 @@ def read_options(argv: Sequence[str] | None) -> Options:
     v = parser().parse_args(argv)
     infer = InferenceSettings.from_mapping(vars(v), names=ARGUMENT_NAMES)
     return Options(
-        ckpt=v.ckpt, inputs=tuple(v.input), output=Path(v.output).expanduser(), overwrite=v.overwrite,
+        ckpt=v.ckpt, calibration=v.calibration, inputs=tuple(v.input), output=Path(v.output).expanduser(), overwrite=v.overwrite,
         save_probs=v.save_probs, alpha=v.alpha, recursive=v.recursive, infer=infer, accumulate=v.accumulate,
         batch_size=v.batch_size, device=v.device, precision=v.precision, channels_last=v.channels_last,
         progress=v.progress,
@@ -300,7 +301,7 @@ def load_model(options: Options) -> Loaded:
     from train_seg.checkpoint import load_checkpoint_model
 
     device = resolve_device(options.device, key="--device")
-    model, meta = load_checkpoint_model(options.ckpt, device)
+    model, meta = load_checkpoint_model(options.ckpt, device, calibration=options.calibration)
     amp_dtype, channels_last, batch_size = run_settings(options, meta, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

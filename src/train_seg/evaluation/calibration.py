@@ -8,74 +8,18 @@ other class flips (quantiles of ``max_other - logit_c`` over the pixels of the c
 grid follows each class's logit scale. Only improvements are kept, so the fitted metric never drops below the
 uncalibrated one. ``prior_offsets`` is the closed form ``-tau * log(prior)`` (post-hoc logit adjustment, Menon
 et al. 2021). ``LogitSample`` caches the logits and labels of the valid pixels of a split, subsampled uniformly to
-at most ``max_pixels`` (a seeded random priority per pixel keeps the lowest). ``Calibrated`` wraps a model so that
-every consumer of ``model(x)["out"]`` sees the offsets; ``calibration.json`` (``Calibration``) holds them.
+at most ``max_pixels`` (a seeded random priority per pixel keeps the lowest). The offsets are stored in
+``calibration.json`` beside the checkpoint and applied by ``train_seg.checkpoint`` (``Calibration``, ``Calibrated``).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
 import torch
-from torch import nn
 
-from train_seg.atomic import write_json_atomic
+from train_seg.checkpoint import CALIBRATION_FILE, Calibrated, Calibration  # noqa: F401  (their home: the run's files)
 from train_seg.evaluation.metrics import metrics_from_confusion
 
-FILENAME = "calibration.json"
 METHODS = ("fit", "prior")
-CALIBRATION_MODES = ("auto", "none")
 QUANTILE_POOL = 1_000_000
-
-
-@dataclass
-class Calibration:
-    """The content of ``calibration.json``: ``offsets`` (one per class, added to the logits), how they were found
-    (``method``, ``metric``, ``split``, ``tau``, ``pixels`` used), the metric ``before`` and ``after`` on that
-    split, per-class IoU before and after, and the checkpoint it belongs to (``checkpoint``, ``step``)."""
-
-    offsets: list[float]
-    class_names: list[str]
-    method: str
-    split: str
-    metric: str
-    before: float
-    after: float
-    checkpoint: str
-    step: int | None = None
-    tau: float | None = None
-    pixels: int = 0
-    iou_before: dict[str, float | None] = field(default_factory=dict)
-    iou_after: dict[str, float | None] = field(default_factory=dict)
-
-    def write(self, path: str | Path) -> Path:
-        return write_json_atomic(Path(path), asdict(self))
-
-    @classmethod
-    def read(cls, path: str | Path) -> "Calibration":
-        """Raises ValueError naming the file when it is not a calibration of this version."""
-        try:
-            data = json.loads(Path(path).read_text())
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"{path}: not a readable train_seg calibration ({exc}); delete it or run "
-                             "train_seg.cli.calibrate again.") from exc
-
-
-class Calibrated(nn.Module):
-    """``model`` whose ``out`` logits get ``offsets`` ``(K,)`` added (``aux`` untouched); the offsets are a buffer,
-    so exported graphs carry them."""
-
-    def __init__(self, model: nn.Module, offsets):
-        super().__init__()
-        self.model = model
-        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32).reshape(1, -1, 1, 1))
-
-    def forward(self, x):
-        out = dict(self.model(x))
-        out["out"] = out["out"] + self.offsets.to(out["out"].dtype)
-        return out
 
 
 def prior_offsets(prior, tau: float, floor: float = 1e-6) -> torch.Tensor:
