@@ -193,17 +193,31 @@ def run_settings(options: Options, meta: CheckpointMeta, device: torch.device) -
     return amp_dtype, channels_last, batch_size
 
 
-def evaluate_checkpoint(cfg) -> dict:
-    """The whole command on a composed configs/evaluate.yaml: returns the metrics.json record written (a dict)."""
-    options = read_options(cfg)
-    record.refuse_existing(options.output_dir, (record.FILENAME, CONFUSION_CSV, CONFUSION_PNG, "last.pt"),
-                           "an earlier evaluation or a training run", "Leave output_dir at its default (a new "
-                           "timestamped directory under outputs/evaluate/) or choose a new one.")
+@dataclass
+class Opened:
+    """A checkpoint and a split ready to run through the evaluation loop (``open_evaluation``)."""
+
+    model: torch.nn.Module
+    meta: CheckpointMeta
+    state: dict
+    dataset_name: str
+    source: SegmentationSource
+    loader: torch.utils.data.DataLoader
+    settings: LoopSettings
+    infer: object
+    accumulate: torch.device
+    train_stats: dict
+    share: list[float]
+    rare: torch.Tensor
+    batch_size: int
+
+
+def open_evaluation(cfg, options: Options, calibration: str) -> Opened:
+    """The checkpoint's model on the device (offsets of its calibration.json per ``calibration``), the split's
+    source and loader, the run settings and the training split's class shares. ``ConfigError`` /
+    ``CheckpointError`` / ``DatasetError`` for bad input, before any image is inferred."""
     device = resolve_device(options.device, key="device")
-    model, meta, state = open_checkpoint(options.ckpt, device, calibration=options.calibration)
-    if meta.calibration is not None and meta.calibration.split == options.split:
-        log.warning("the calibration of %s was fitted on this very split (%s): these numbers are not held-out; "
-                    "evaluate another split, or pass calibration=none", meta.path, options.split)
+    model, meta, state = open_checkpoint(options.ckpt, device, calibration=calibration)
     amp_dtype, channels_last, batch_size = run_settings(options, meta, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -219,20 +233,35 @@ def evaluate_checkpoint(cfg) -> dict:
     infer = partial(infer_logits, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
                     accumulate_device=accumulate, **options.infer.kwargs())
     settings = LoopSettings(device=device, amp_dtype=amp_dtype, channels_last=channels_last, progress=options.progress)
+    return Opened(model, meta, state, name, source, make_loader(options, meta, source, batch_size), settings, infer,
+                  accumulate, train_stats, share, rare, batch_size)
+
+
+def evaluate_checkpoint(cfg) -> dict:
+    """The whole command on a composed configs/evaluate.yaml: returns the metrics.json record written (a dict)."""
+    options = read_options(cfg)
+    record.refuse_existing(options.output_dir, (record.FILENAME, CONFUSION_CSV, CONFUSION_PNG, "last.pt"),
+                           "an earlier evaluation or a training run", "Leave output_dir at its default (a new "
+                           "timestamped directory under outputs/evaluate/) or choose a new one.")
+    run = open_evaluation(cfg, options, options.calibration)
+    meta = run.meta
+    if meta.calibration is not None and meta.calibration.split == options.split:
+        log.warning("the calibration of %s was fitted on this very split (%s): these numbers are not held-out; "
+                    "evaluate another split, or pass calibration=none", meta.path, options.split)
     metrics_cfg = {**(meta.config.get("metrics") or {}), **{k: v for k, v in options.metrics.items() if v is not None}}
-    objects = object_counter(metrics_cfg, rare, meta.ignore_index)
-    confusion = evaluate(model, make_loader(options, meta, source, batch_size), meta.num_classes, settings,
-                         desc=f"evaluate {options.split}", infer=infer, confusion_device=accumulate,
-                         objects=objects).matrix.cpu()
-    result = EvalResult(meta.epoch or 0, meta.step or 0, confusion, meta.class_names, share, rare, objects)
-    info = {"checkpoint": str(meta.path.resolve()), "dataset": name, "split": options.split,
-            "resolution": options.resolution, "images": len(source), **options.infer.kwargs(),
-            "batch_size": batch_size if options.resolution == "pipeline" or options.infer.mode == "slide" else 1,
-            "device": str(device), "precision": precision_name(amp_dtype), "channels_last": channels_last,
-            "calibration": calibration_info(meta)}
+    objects = object_counter(metrics_cfg, run.rare, meta.ignore_index)
+    confusion = evaluate(run.model, run.loader, meta.num_classes, run.settings, desc=f"evaluate {options.split}",
+                         infer=run.infer, confusion_device=run.accumulate, objects=objects).matrix.cpu()
+    result = EvalResult(meta.epoch or 0, meta.step or 0, confusion, meta.class_names, run.share, run.rare, objects)
+    info = {"checkpoint": str(meta.path.resolve()), "dataset": run.dataset_name, "split": options.split,
+            "resolution": options.resolution, "images": len(run.source), **options.infer.kwargs(),
+            "batch_size": run.batch_size if options.resolution == "pipeline" or options.infer.mode == "slide" else 1,
+            "device": str(run.settings.device), "precision": precision_name(run.settings.amp_dtype),
+            "channels_last": run.settings.channels_last, "calibration": calibration_info(meta)}
     _report(result, meta, info)
-    payload = evaluation_record(result, meta, state, train_stats, info)
-    write_outputs(options.output_dir, payload, result, f"{name} {options.split}, {options.resolution} resolution")
+    payload = evaluation_record(result, meta, run.state, run.train_stats, info)
+    write_outputs(options.output_dir, payload, result, f"{run.dataset_name} {options.split}, {options.resolution} "
+                                                       "resolution")
     return payload.to_dict()
 
 

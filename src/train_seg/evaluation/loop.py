@@ -47,9 +47,11 @@ def predict_batch(model: nn.Module, images: torch.Tensor, device: torch.device, 
 def evaluate(model: nn.Module, loader, num_classes: int, settings, desc: str = "eval",
              infer: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
              stop: Callable[[], bool] | None = None, confusion_device: torch.device | None = None,
-             objects: ObjectCounts | None = None) -> ConfusionMatrix:
+             objects: ObjectCounts | None = None,
+             collect: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> ConfusionMatrix:
     """One confusion matrix over the whole loader, reduced across processes once; ``objects`` (if given) counts
-    the objects of the same predictions (``train_seg.evaluation.objects``) and is reduced with it.
+    the objects of the same predictions (``train_seg.evaluation.objects``) and is reduced with it; ``collect``
+    (if given) receives every batch's ``(logits, targets)`` (post-hoc calibration caches them).
 
     ``settings`` gives ``device``, ``amp_dtype``, ``channels_last`` and ``progress`` (a ``LoopSettings``).
     ``infer(model, images) -> logits`` replaces the plain ``predict_batch`` (sliding windows, test-time augmentation:
@@ -73,6 +75,8 @@ def evaluate(model: nn.Module, loader, num_classes: int, settings, desc: str = "
         if objects is not None:
             with record_function("train_seg.eval_objects"):
                 objects.update(labels, targets)
+        if collect is not None:
+            collect(logits, targets)
         seen += images.shape[0]
         bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - tic, 1e-9):.1f}", refresh=False)
     bar.close()
