@@ -18,10 +18,13 @@ from pathlib import Path
 
 
 def _compose(config: str, overrides: list[str]):
-    from train_seg.cli.evaluate import command_line_overrides
+    """The config of the command, from overrides whose paths may hold ``=`` and ``,`` (sweep job names)."""
+    from train_seg.cli.evaluate import command_line_overrides, quote_path
     from train_seg.config.command_line import compose
 
-    return compose(command_line_overrides(overrides), config_name=config)
+    quoted = [quote_path(arg, key=arg.split("=", 1)[0]) if arg.startswith(("output_dir=", "paths.")) else arg
+              for arg in overrides]
+    return compose(command_line_overrides(quoted), config_name=config)
 
 
 def main(argv=None) -> None:
