@@ -86,6 +86,12 @@ def test_evaluate_predict_and_export_apply_the_offsets(run_dir, fitted, tmp_path
     logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(logits, calibrated.numpy(), atol=1e-4 * float(np.abs(logits).max()))
     assert np.array_equal(logits.argmax(1)[0], expected)  # the graph carries the offsets
+    with pytest.raises(SystemExit) as done:
+        export_main([f"--ckpt={run_dir / 'last.pt'}", "--format=torchscript", f"--output={tmp_path / 'm.pt'}"])
+    assert done.value.code == 0
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), calibrated, atol=1e-4 * float(calibrated.abs().max()), rtol=0)
 
     out = evaluate_checkpoint(eval_cfg(tmp_path, f"ckpt={run_dir / 'last.pt'}"))
     assert out["final"]["evaluation"]["calibration"]["offsets"]["car"] == pytest.approx(fitted.offsets[3])
