@@ -6,8 +6,9 @@ else: no tensor is created, no thread started) and then forks a child per comman
 process with the command's argv, environment, working directory and thread count; its stdout and stderr go to
 files, and its exit status is reported as subprocess's would be (``-N`` for a signal). ``run`` stands in for
 ``subprocess.run(..., capture_output=True, text=True)`` and ``popen`` for ``subprocess.Popen`` (``pid``, ``poll``,
-``wait``, ``kill``, ``communicate``). Commands it cannot serve (another executable, ``-m`` of a module outside
-``train_seg``), and every command when ``TRAIN_SEG_TEST_FORK=0``, run as ordinary subprocesses.
+``wait``, ``kill``, ``communicate``). It serves ``python -m train_seg...``, ``python -c ...`` and ``python
+script.py ...``; other commands (another executable, ``-m`` of a module outside ``train_seg``, torchrun), and
+every command when ``TRAIN_SEG_TEST_FORK=0``, run as ordinary subprocesses.
 """
 from __future__ import annotations
 
@@ -69,10 +70,14 @@ def _execute(argv: list[str]) -> int:
         for name in (argv[1], f"{argv[1]}.__main__"):  # preloaded: run afresh as __main__, as `python -m` does
             sys.modules.pop(name, None)
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-    else:  # -c
+    elif argv[0] == "-c":
         sys.argv = ["-c", *argv[2:]]
         sys.path[0] = ""
         exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    else:  # a script
+        sys.argv = list(argv)
+        sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+        runpy.run_path(argv[0], run_name="__main__")
     return 0
 
 
@@ -233,6 +238,8 @@ def _servable(args: list[str]) -> bool:
         return False
     if args[1] == "-c":
         return len(args) >= 3
+    if args[1].endswith(".py") and os.path.isfile(args[1]):
+        return True
     return args[1] == "-m" and len(args) >= 3 and args[2].split(".")[0] == "train_seg"
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+import forkserver
 from train_seg import distributed
 from train_seg.distributed import DistEnv, DistributedError, discover, expand_nodelist
 
@@ -245,8 +246,7 @@ def start_pair(tmp_path, mode: str):
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
            "OMP_NUM_THREADS": "1"}
-    return [subprocess.Popen([sys.executable, str(script), str(rank), str(port), mode], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in range(2)]
+    return [forkserver.popen([sys.executable, str(script), str(rank), str(port), mode], env=env) for rank in range(2)]
 
 
 def wait_all(processes, timeout: float) -> list[tuple[int | None, str, str]]:
@@ -326,7 +326,7 @@ def _single(cwd: Path, run_dir: Path, cache: Path, *overrides: str):
     env.pop("HYDRA_FULL_ERROR", None)
     command = [sys.executable, "-m", "train_seg", *DDP_TINY, "trainer.num_threads=1", f"hydra.run.dir={run_dir}",
                f"paths.cache_dir={cache}", *overrides]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return forkserver.run(command, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

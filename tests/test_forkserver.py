@@ -45,3 +45,11 @@ def test_a_module_runs_as_main_and_other_commands_are_plain_subprocesses(tmp_pat
         process = forkserver.popen(command)
         assert isinstance(process, subprocess.Popen)
         process.communicate()
+
+
+def test_a_script_runs_as_main_with_its_own_folder_on_the_path(tmp_path):
+    (tmp_path / "helper_mod.py").write_text("VALUE = 7\n")
+    script = tmp_path / "script.py"
+    script.write_text("import sys, helper_mod\nprint(__name__, sys.argv[1:], helper_mod.VALUE)\n")
+    result = forkserver.run([sys.executable, str(script), "x"], cwd="/")
+    assert result.returncode == 0 and result.stdout == "__main__ ['x'] 7\n", result.stderr
