@@ -59,6 +59,7 @@ def test_the_fit_is_written_beside_the_checkpoint_and_never_lowers_the_metric(ru
     # decision rule is far from its best
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load / script: deprecated by torch 2.14
 def test_evaluate_predict_and_export_apply_the_offsets(run_dir, fitted, tmp_path):
     model, meta = load_checkpoint_model(run_dir / "last.pt")
     plain, _ = load_checkpoint_model(run_dir / "last.pt", calibration="none")
