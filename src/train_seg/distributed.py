@@ -366,9 +366,15 @@ def main_then_broadcast(fn: Callable[[], T]) -> T:
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sums ``tensor`` over all ranks in place and returns it."""
+    """Sums ``tensor`` over all ranks in place and returns it; a CPU tensor under NCCL (which reduces CUDA tensors
+    only) goes through the rank's GPU and back."""
     if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+            staged = tensor.cuda()
+            dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+            tensor.copy_(staged.cpu())
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

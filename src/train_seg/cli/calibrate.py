@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
 from train_seg.checkpoint import CALIBRATION_FILE, Calibration, CheckpointError
 from train_seg.cli.args import check, choice, integer, number
-from train_seg.cli.evaluate import command_line_overrides, open_evaluation, read_options
-from train_seg.config.command_line import CONFIG_DIR, USER_ERRORS, exit_with_user_error, report_hydra_errors
+from train_seg.cli.evaluate import open_evaluation, read_options, run_checkpoint_command
 from train_seg.config.schema import OPTIMIZED_METRICS
 from train_seg.config.validation import ConfigError
 from train_seg.evaluation.calibration import METHODS, LogitSample, confusion_of, fit_offsets, prior_offsets, score
@@ -101,21 +97,9 @@ def report(found: Calibration, seen: int) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="calibrate")
-def _app(cfg: DictConfig) -> float:
-    try:
-        found = calibrate_checkpoint(cfg)
-    except USER_ERRORS as exc:
-        log.debug("traceback of the error above", exc_info=True)
-        exit_with_user_error(PROG, exc)
-    return found.after
-
-
 def main() -> None:
     """``python -m train_seg.cli.calibrate`` / ``train-seg-calibrate``."""
-    sys.argv[1:] = command_line_overrides(sys.argv[1:])
-    report_hydra_errors(PROG)
-    _app()
+    run_checkpoint_command(PROG, "calibrate", lambda cfg: calibrate_checkpoint(cfg).after)
 
 
 if __name__ == "__main__":

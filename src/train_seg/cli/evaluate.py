@@ -21,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import hydra
 import numpy as np
@@ -342,22 +342,32 @@ def command_line_overrides(args: Sequence[str]) -> list[str]:
     return ["++" + arg if arg.startswith("dataset.") and "=" in arg else arg for arg in args]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-def _app(cfg: DictConfig) -> float:
-    try:
-        payload = evaluate_checkpoint(cfg)
-    except USER_ERRORS as exc:
-        log.debug("traceback of the error above", exc_info=True)
-        exit_with_user_error(PROG, exc)
-    value = payload["final"].get("val/mIoU")
+def run_checkpoint_command(prog: str, config_name: str, command: Callable[[DictConfig], float]) -> None:
+    """The Hydra app of a command on a checkpoint (evaluate, calibrate): ``sys.argv`` rewritten by
+    ``command_line_overrides``, ``configs/<config_name>.yaml`` composed, ``command(cfg)`` run; bad input (a bad
+    override too) is one paragraph on stderr with exit status 2. Returns what Hydra returns."""
+    sys.argv[1:] = command_line_overrides(sys.argv[1:])
+    report_hydra_errors(prog)
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+    def app(cfg: DictConfig) -> float:
+        try:
+            return command(cfg)
+        except USER_ERRORS as exc:
+            log.debug("traceback of the error above", exc_info=True)
+            exit_with_user_error(prog, exc)
+
+    app()
+
+
+def _evaluated_miou(cfg: DictConfig) -> float:
+    value = evaluate_checkpoint(cfg)["final"].get("val/mIoU")
     return float("nan") if value is None else float(value)
 
 
 def main() -> None:
     """``python -m train_seg.cli.evaluate`` / ``train-seg-evaluate``."""
-    sys.argv[1:] = command_line_overrides(sys.argv[1:])
-    report_hydra_errors(PROG)  # a bad override: one paragraph, exit status 2
-    _app()
+    run_checkpoint_command(PROG, "evaluate", _evaluated_miou)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from train_seg.checkpoint import CALIBRATION_FILE, Calibrated, Calibration  # noqa: F401  (their home: the run's files)
-from train_seg.evaluation.metrics import metrics_from_confusion
+from train_seg.evaluation.metrics import confusion_counts, metrics_from_confusion
 
 METHODS = ("fit", "prior")
 QUANTILE_POOL = 1_000_000
@@ -32,7 +32,11 @@ def prior_offsets(prior, tau: float, floor: float = 1e-6) -> torch.Tensor:
 
 class LogitSample:
     """Float32 logits ``(P, K)`` and labels ``(P,)`` of the valid pixels seen by ``add``, at most ``max_pixels``
-    of them: a uniform subsample (seeded) once more pixels were seen. ``seen`` counts every valid pixel."""
+    of them: a uniform subsample (seeded) once more pixels were seen. ``seen`` counts every valid pixel.
+
+    Each pixel draws a random key; the sample is the ``max_pixels`` smallest keys, in arrival order. Batches are
+    kept as chunks (only pixels below the current cut-off key once the sample is full) and merged when they hold
+    twice the budget, so a long split costs no copy of the whole sample per batch."""
 
     def __init__(self, max_pixels: int, ignore_index: int, seed: int = 0):
         if max_pixels < 1:
@@ -40,9 +44,9 @@ class LogitSample:
         self.max_pixels = int(max_pixels)
         self.ignore_index = int(ignore_index)
         self.generator = torch.Generator().manual_seed(seed)
-        self.logits = torch.empty(0, 0)
-        self.labels = torch.empty(0, dtype=torch.int64)
-        self.keys = torch.empty(0)
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._held = 0
+        self._cutoff = float("inf")  # keys at or above it can no longer enter the sample
         self.seen = 0
 
     def add(self, logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -53,21 +57,39 @@ class LogitSample:
         logits, target = logits[valid], target[valid]
         self.seen += int(target.numel())
         keys = torch.rand(target.numel(), generator=self.generator)
-        if self.logits.numel() == 0:
-            self.logits = logits.new_empty(0, logits.shape[1])
-        self.logits = torch.cat([self.logits, logits])
-        self.labels = torch.cat([self.labels, target])
-        self.keys = torch.cat([self.keys, keys])
-        if self.labels.numel() > self.max_pixels:
-            keep = torch.topk(self.keys, self.max_pixels, largest=False).indices.sort().values
-            self.logits, self.labels, self.keys = self.logits[keep], self.labels[keep], self.keys[keep]
+        below = keys < self._cutoff
+        self._chunks.append((logits[below], target[below], keys[below]))
+        self._held += int(below.sum())
+        if self._held > 2 * self.max_pixels:
+            self._merge()
+
+    def _merge(self) -> None:
+        logits, labels, keys = (torch.cat(part) for part in zip(*self._chunks))
+        if keys.numel() > self.max_pixels:
+            keep = torch.topk(keys, self.max_pixels, largest=False).indices.sort().values
+            logits, labels, keys = logits[keep], labels[keep], keys[keep]
+            self._cutoff = float(keys.max())
+        self._chunks, self._held = [(logits, labels, keys)], int(keys.numel())
+
+    def _sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._chunks:
+            return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
+        if len(self._chunks) > 1 or self._held > self.max_pixels:
+            self._merge()
+        return self._chunks[0][0], self._chunks[0][1]
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self._sample()[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._sample()[1]
 
 
 def confusion_of(logits: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The ``(K, K)`` confusion matrix (rows truth) of ``argmax(logits + offsets)``."""
-    k = logits.shape[1]
-    predicted = (logits + offsets).max(1).indices
-    return torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+    return confusion_counts((logits + offsets).max(1).indices, labels, logits.shape[1])
 
 
 def score(confusion: torch.Tensor, metric: str, rare=None) -> float:
@@ -98,7 +120,7 @@ def fit_offsets(logits: torch.Tensor, labels: torch.Tensor, metric: str, rare=No
             pool = pool[:: pool.numel() // QUANTILE_POOL + 1]  # torch.quantile's input limit; ample for 64 values
             for value in (torch.quantile(pool.double(), quantiles).float().unique() + 1e-4).tolist():
                 predicted = torch.where(margin < value, c, other_class)
-                result = score(torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k), metric, rare)
+                result = score(confusion_counts(predicted, labels, k), metric, rare)
                 if result > best + 1e-12:
                     best, improved = result, True
                     offsets = offsets.clone()

@@ -22,6 +22,17 @@ import torch
 import torch.distributed as dist
 
 
+def confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The ``(K, K)`` int64 counts of ``(target, pred)`` pairs (rows target) of integer tensors of one shape, on
+    their device; targets outside ``[0, K)`` (``ignore_index``) are dropped."""
+    k = num_classes
+    target = target.reshape(-1).to(torch.int64)
+    index = target * k + pred.reshape(-1).to(torch.int64)
+    # ignore_index and anything else outside the label range go to one extra bin, dropped (no masked copy)
+    index.masked_fill_((target < 0) | (target >= k), k * k)
+    return torch.bincount(index, minlength=k * k + 1)[: k * k].reshape(k, k)
+
+
 class ConfusionMatrix:
     """Accumulates a ``(K, K)`` int64 confusion matrix on the device of the predictions (no host sync).
 
@@ -39,13 +50,7 @@ class ConfusionMatrix:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         if pred.shape != target.shape:
             raise ValueError(f"ConfusionMatrix.update: pred shape {tuple(pred.shape)} != target {tuple(target.shape)}")
-        k = self.num_classes
-        target = target.reshape(-1).to(self.matrix.device, torch.int64)
-        pred = pred.reshape(-1).to(self.matrix.device, torch.int64)
-        index = target * k + pred
-        # ignore_index and anything else outside the label range go to one extra bin, dropped (no masked copy)
-        index.masked_fill_((target < 0) | (target >= k), k * k)
-        self.matrix += torch.bincount(index, minlength=k * k + 1)[: k * k].reshape(k, k)
+        self.matrix += confusion_counts(pred.to(self.matrix.device), target.to(self.matrix.device), self.num_classes)
 
     def reset(self) -> None:
         self.matrix.zero_()

@@ -15,7 +15,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from train_seg.distributed import all_reduce_sum_
 
 # columns of ObjectCounts.counts
 GT, PRED, MATCHED, IOU_SUM = range(4)
@@ -89,8 +90,7 @@ class ObjectCounts:
         self.counts[self.classes] += torch.from_numpy(sums)
 
     def reduce(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.counts)
+        all_reduce_sum_(self.counts)
 
 
 def object_metrics(counts: torch.Tensor, classes) -> dict[str, torch.Tensor]:
