@@ -285,7 +285,7 @@ def test_a_rank_stuck_outside_collectives_is_ended_by_the_timeout(tmp_path):
 
 
 # -- the trainer under torchrun (CPU, gloo, 2 processes) --------------------------------------------------------
-DDP_TINY = ["model=tiny", "dataset.num_train=8", "dataset.num_val=5", "dataset.image_size=64", "trainer.batch_size=2",
+DDP_TINY = ["model=tiny", "model.dropout=0.2", "dataset.num_train=8", "dataset.num_val=5", "dataset.image_size=64", "trainer.batch_size=2",
             "trainer.val_batch_size=2", "trainer.max_epochs=2", "trainer.progress=false", "trainer.log_every=1",
             "trainer.device=cpu", "scheduler.warmup_steps=1", "logger.tensorboard.num_overlays=0",
             "trainer.dist_timeout_s=60"]
@@ -308,15 +308,39 @@ _INDEX_DRIVER = textwrap.dedent('''
 ''')
 
 
-def _torchrun(cwd: Path, run_dir: Path, cache: Path, *overrides: str, nproc: int = 2, index_log: Path | None = None):
+# torchrun's entry for the kill test: rank 1 of the first attempt SIGKILLs itself right after step KILL_STEP (and
+# its mid-epoch checkpoint); torchrun (--max-restarts) then restarts both ranks, which resume from last.pt
+_KILL_DRIVER = textwrap.dedent('''
+    import os, signal
+    from train_seg.engine import trainer
+    after_step = trainer._StepHook.__call__
+    def killing(self, epoch, progress, step):
+        after_step(self, epoch, progress, step)
+        if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" \\
+                and step == int(os.environ["KILL_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    trainer._StepHook.__call__ = killing
+    from train_seg.__main__ import main
+    main()
+''')
+# the fixture run and the kill test's run differ only in the kill: mid-epoch checkpoints after every step
+RESUMABLE = ["trainer.resume=auto", "trainer.checkpoint_every_n_steps=1"]
+
+
+def _torchrun(cwd: Path, run_dir: Path, cache: Path, *overrides: str, nproc: int = 2, index_log: Path | None = None,
+              kill_step: int | None = None):
     env = dict(os.environ, OMP_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1")
     env.pop("HYDRA_FULL_ERROR", None)
-    entry = ["-m", "train_seg"]
+    entry, restarts = ["-m", "train_seg"], []
     if index_log is not None:
         driver = index_log.parent / "index_driver.py"
         driver.write_text(_INDEX_DRIVER)
         entry, env["INDEX_LOG"] = [str(driver)], str(index_log)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    if kill_step is not None:
+        driver = run_dir.parent / "kill_driver.py"
+        driver.write_text(_KILL_DRIVER)
+        entry, env["KILL_STEP"], restarts = [str(driver)], str(kill_step), ["--max-restarts=1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *restarts,
                *entry, *DDP_TINY, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}", *overrides]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -335,9 +359,36 @@ def ddp_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
     cwd = base / "cwd"
     cwd.mkdir()
-    result = _torchrun(cwd, base / "run", base / "cache", index_log=base / "indices")
+    result = _torchrun(cwd, base / "run", base / "cache", *RESUMABLE, index_log=base / "indices")
     assert result.returncode == 0, result.stderr[-3000:]
     return base
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_after_a_rank_is_killed_mid_epoch_and_ends_bit_exact(ddp_run, tmp_path):
+    """Rank 1 SIGKILLed after step 3 (epoch 2's first step, a mid-epoch checkpoint): torchrun restarts both ranks,
+    each restores its own random state (the model's dropout draws differ by rank) and the same position, and the
+    final weights equal those of the uninterrupted fixture run to the bit."""
+    from train_seg.reporting import record
+
+    run_dir = tmp_path / "run"
+    result = _torchrun(tmp_path, run_dir, tmp_path / "cache", *RESUMABLE, kill_step=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "at epoch 1, step 3, 1 batches into epoch 2" in output  # resumed from the mid-epoch checkpoint
+    assert "failed (exitcode: -9) local_rank: 1" in output, output[-3000:]  # torchrun saw the kill, restarted
+    reference = torch.load(ddp_run / "run" / "last.pt", weights_only=True)
+    resumed = torch.load(run_dir / "last.pt", weights_only=True)
+    assert resumed["global_step"] == reference["global_step"] == 4
+    for key, value in reference["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    # each rank's random state is in the checkpoint, and they differ (restoring rank 0's on rank 1 would not do)
+    assert len(resumed["rng_ranks"]) == 2 and not torch.equal(resumed["rng_ranks"][0]["torch"],
+                                                               resumed["rng_ranks"][1]["torch"])
+    # and so is the history: losses (the resumed epoch's sums came from the checkpoint) and every metric
+    untimed = [[{k: v for k, v in e.items() if k != "train/seconds"} for e in record.read(d).history]
+               for d in (run_dir, ddp_run / "run")]
+    assert untimed[0] == untimed[1] and [e["step"] for e in untimed[0]] == [2, 4]
 
 
 @pytest.mark.slow

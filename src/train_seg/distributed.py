@@ -32,7 +32,7 @@ from torch.utils.data import Sampler
 __all__ = [
     "DistEnv", "DistributedError", "RankFailure", "SyncBatchNormError", "discover", "expand_nodelist",
     "slurm_master_port", "setup", "teardown", "session", "is_initialized", "is_main", "rank", "world_size",
-    "broadcast_object", "main_then_broadcast", "all_reduce_sum_", "broadcast_buffers_", "barrier", "sync_batchnorm",
+    "broadcast_object", "all_gather_object", "main_then_broadcast", "all_reduce_sum_", "broadcast_buffers_", "barrier", "sync_batchnorm",
     "wrap_ddp", "unwrap", "ShardedEvalSampler", "shard_eval_sampler", "local_device", "any_rank",
     "expand_tasks_per_node", "describe", "hydra_overrides",
 ]
@@ -243,9 +243,14 @@ def setup(env: DistEnv, device_type: str | torch.device = "cpu", timeout_s: floa
                        "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
                        "LOCAL_WORLD_SIZE": str(env.local_world_size)})
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=float(timeout_s))
     try:
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=float(timeout_s)))
+        store = _attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     except (dist.DistError, RuntimeError) as exc:
         raise RankFailure(
             f"rank {env.rank} of {env.world_size} ({env.source}) could not join the process group at "
@@ -255,6 +260,17 @@ def setup(env: DistEnv, device_type: str | torch.device = "cpu", timeout_s: floa
             f"on every rank. ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     log.debug("rank %d/%d joined the %s process group (%s)", env.rank, env.world_size, backend, env.source)
     return device
+
+
+def _attempt_store(timeout: datetime.timedelta):
+    """Under torchrun, whose agent's store outlives its workers: that store with a key prefix of this attempt
+    (``TORCHELASTIC_RESTART_COUNT``). A restarted worker group would otherwise read the killed attempt's addresses
+    (gloo: "Connection refused" on a restart). None elsewhere (``env://`` starts a new store on rank 0)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"train_seg/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _device_for(env: DistEnv, device_type: str) -> torch.device:
@@ -299,8 +315,8 @@ def session(env: DistEnv, device_type: str | torch.device = "cpu",
     except (dist.DistError, RuntimeError) as exc:
         if env.distributed and _is_collective_failure(exc):
             raise RankFailure(
-                f"rank {env.rank} of {env.world_size} stopped: a collective operation failed because another rank "
-                f"crashed, was killed, or did not reach the same point within the timeout ({timeout_s:g} s). This rank "
+                f"rank {env.rank} of {env.world_size} stopped: a collective operation failed because "
+                f"{'rank ' + str(1 - env.rank) if env.world_size == 2 else 'another rank'} crashed, was killed, or did not reach the same point within the timeout ({timeout_s:g} s). This rank "
                 "has written nothing more; the failing rank's own error is in its log (torchrun prints it as the root "
                 f"cause). ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
         raise
@@ -337,6 +353,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's ``obj`` (pickled), in rank order, on every rank; ``[obj]`` in one process."""
+    if not is_initialized():
+        return [obj]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def main_then_broadcast(fn: Callable[[], T]) -> T:

@@ -246,3 +246,35 @@ def test_fp16_run_on_cpu_resumes_mid_epoch_bit_exactly_with_the_scalers_state(ma
     assert a["scaler"] == c["scaler"]
     assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
     assert resumed["history"][-1]["train/loss"] == straight["history"][-1]["train/loss"]
+
+
+def test_each_rank_restores_its_own_random_state_and_a_changed_world_warns(monkeypatch, caplog):
+    from train_seg import distributed
+    from train_seg.engine import trainer
+
+    state = {"rng": "rank0", "rng_ranks": ["rank0", "rank1"]}
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert trainer._own_rng_state(state, Path("last.pt")) == "rank1"
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    with caplog.at_level(logging.WARNING, logger="train_seg"):
+        assert trainer._own_rng_state(state, Path("last.pt")) == "rank0"
+    assert "written by 2 rank(s) and this run has 3" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    assert trainer._own_rng_state({"rng": "only"}, Path("last.pt")) == "only" and not caplog.text
+
+
+def test_ranks_that_would_resume_from_different_steps_are_refused(monkeypatch):
+    from train_seg import distributed
+    from train_seg.checkpoint import CheckpointError
+    from train_seg.engine import trainer
+
+    class _Run:
+        global_step, progress = 6, None
+
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [obj, (4, 2)])
+    with pytest.raises(CheckpointError, match=r"different points .*\[\(6, 0\), \(4, 2\)\]"):
+        trainer._agree_on_step(_Run())
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [obj, obj])
+    trainer._agree_on_step(_Run())  # the same step everywhere: nothing to say

@@ -53,6 +53,7 @@ class Run:
     global_step: int = 0
     best: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    rank_rng: list | None = None  # every rank's random state, gathered for the checkpoint being written (else None)
 
     def __post_init__(self) -> None:
         if self.train_model is None:
@@ -69,6 +70,7 @@ class Run:
     def checkpoint_state(self, epoch: int, progress=None) -> dict:
         """A self-contained checkpoint after ``epoch`` complete epochs (see ``train_seg.checkpoint``); mid-epoch,
         ``progress`` (``engine.EpochProgress``) and the epoch's sample order say where the next epoch stands."""
+        rng = self.rank_rng or [capture_rng_state()]
         mid_epoch = {} if progress is None else {
             "progress": progress.to_dict(),
             "epoch_order": torch.as_tensor(self.train_loader.sampler.epoch_order()),
@@ -81,7 +83,8 @@ class Run:
             "epoch": epoch,
             "global_step": self.global_step,
             "bad_streak": self.bad_streak,
-            "rng": capture_rng_state(),
+            "rng": rng[0],  # rank 0's (the process's own in one process)
+            **({"rng_ranks": rng} if len(rng) > 1 else {}),  # under torch.distributed: rank r restores rng_ranks[r]
             "config": self.config,
             "class_names": self.class_names,
             "palette": self.palette,

@@ -23,7 +23,8 @@ from train_seg.engine import builder as build
 from train_seg.engine import runtime as perf
 
 from train_seg.reporting import record
-from train_seg.checkpoint import CheckpointError, find_checkpoint, read_checkpoint, restore_rng_state
+from train_seg.checkpoint import (CheckpointError, capture_rng_state, find_checkpoint, read_checkpoint,
+                                  restore_rng_state)
 from train_seg.config.naming import current_job_context
 from train_seg.config.validation import resolve_device, resolve_precision, validate_config
 from train_seg.engine.loop import EpochProgress, LoopSettings, train_one_epoch
@@ -60,7 +61,7 @@ def prepare(cfg, run_dir: str | Path, device: torch.device | None = None) -> Run
     validate_config(cfg)
     trainer = cfg.trainer
     run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's (other ranks' Hydra made none)
-    in_place = _resume_in_place(trainer, Path(run_dir))
+    in_place = distributed.broadcast_object(_resume_in_place(trainer, Path(run_dir)))  # rank 0 decides for all
     if in_place is None:
         record.refuse_existing(run_dir, ("last.pt", "best.pt", record.FILENAME), "an earlier run",
                                "Leave hydra.run.dir at its default (a new timestamped directory), choose a new one, or "
@@ -75,7 +76,18 @@ def prepare(cfg, run_dir: str | Path, device: torch.device | None = None) -> Run
         run.completed = record.read(run.run_dir).status == "completed"
     elif trainer.resume is not None and trainer.resume != "auto":
         _resume(run, find_checkpoint(trainer.resume, prefer="last", option="trainer.resume"))
+    _agree_on_step(run)
     return run
+
+
+def _agree_on_step(run: Run) -> None:
+    """Under torch.distributed: every rank starts from the same step (the same checkpoint), else CheckpointError."""
+    steps = distributed.all_gather_object((run.global_step, run.progress.batches if run.progress else 0))
+    if len(set(steps)) > 1:
+        raise CheckpointError(
+            f"the ranks would resume from different points (step, batches into the epoch, by rank: {steps}): they read "
+            "different checkpoint files. Put the run directory on a file system every node sees, or resume every "
+            "rank from one file with trainer.resume=<path>.")
 
 
 def _resume_in_place(trainer, run_dir: Path) -> Path | None:
@@ -119,9 +131,22 @@ def _resume(run: Run, path: Path) -> None:
         run.progress = EpochProgress.from_dict(state["progress"])
     run.best = dict(state.get("best") or {})
     run.history = list(state.get("history") or [])
-    restore_rng_state(state["rng"])
+    restore_rng_state(_own_rng_state(state, path))
     position = f", {run.progress.batches} batches into epoch {run.start_epoch + 1}" if run.progress else ""
     log.info("resumed from %s at epoch %d, step %d%s", path, run.start_epoch, run.global_step, position)
+
+
+def _own_rng_state(state: dict, path: Path) -> dict:
+    """This rank's random state in a checkpoint: ``rng_ranks[rank]`` when it was written by as many ranks as run
+    now (a bit-exact resume), else rank 0's ``rng`` (with a warning when the number of ranks changed)."""
+    ranks, world = state.get("rng_ranks"), distributed.world_size()
+    if ranks is not None and len(ranks) == world:
+        return ranks[distributed.rank()]
+    if (len(ranks) if ranks is not None else 1) != world:
+        log.warning("%s was written by %d rank(s) and this run has %d: every rank restores rank 0's random state, so "
+                    "random draws (dropout) differ from an uninterrupted run", path,
+                    len(ranks) if ranks is not None else 1, world)
+    return state["rng"]
 
 
 def _is_better(value: float, best: float | None) -> bool:
@@ -131,6 +156,16 @@ def _is_better(value: float, best: float | None) -> bool:
 def _emit(sinks: Sequence[Sink], hook: str, event) -> None:
     for sink in sinks:
         getattr(sink, hook)(event)
+
+
+def _emit_checkpoint(run: Run, sinks: Sequence[Sink], hook: str, event) -> None:
+    """An event after which the sinks write a checkpoint: every rank's random state is gathered first (a
+    collective: every rank emits it), so that each rank resumes its own (``Run.checkpoint_state``)."""
+    run.rank_rng = distributed.all_gather_object(capture_rng_state())
+    try:
+        _emit(sinks, hook, event)
+    finally:
+        run.rank_rng = None
 
 
 def _fail(sinks: Sequence[Sink], error: BaseException) -> None:
@@ -179,7 +214,8 @@ def fit(run: Run, sinks: Sequence[Sink] | None = None) -> Run:
                         run.best = {"metric": metric, "value": result.scalars[metric], **result.entry()}
                 epoch, run.bad_streak = epoch + 1, progress.bad_streak
                 run.history.append(entry)
-                _emit(sinks, "on_epoch_end", EpochEnd(epoch, run.global_step, loss, entry, result, improved, run.best))
+                _emit_checkpoint(run, sinks, "on_epoch_end",
+                                 EpochEnd(epoch, run.global_step, loss, entry, result, improved, run.best))
                 hook.saved()
                 hook.stop_if_asked(epoch, None, run.global_step)
         except BaseException as exc:
@@ -224,7 +260,7 @@ class _StepHook:
             self._save(epoch, progress, step, "minutes")
 
     def _save(self, epoch: int, progress: EpochProgress, step: int, reason: str) -> None:
-        _emit(self.sinks, "on_checkpoint", Checkpoint(epoch, step, progress, reason))
+        _emit_checkpoint(self.run, self.sinks, "on_checkpoint", Checkpoint(epoch, step, progress, reason))
         self.saved()
 
     def saved(self) -> None:
