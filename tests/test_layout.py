@@ -11,9 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "train_seg"
 
 # low to high: a module may import its own stage and the stages before it, never one after it
 STAGES = ["atomic", "config", "distributed", "data", "models", "losses", "checkpoint", "evaluation", "reporting",
-          "engine", "cli", "__main__"]
+          "search", "engine", "cli", "__main__"]
 TOP_LEVEL = {"__init__.py", "__main__.py", "atomic.py", "checkpoint.py", "distributed.py", "py.typed", "configs",
-             "config", "data", "models", "losses", "engine", "evaluation", "reporting", "cli"}
+             "config", "data", "models", "losses", "engine", "evaluation", "reporting", "search", "cli"}
 
 
 def _modules() -> list[Path]:

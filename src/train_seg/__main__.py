@@ -114,8 +114,13 @@ def _run_sweep_job(cfg: DictConfig, run_dir: Path) -> float:
     from train_seg.reporting.record import mark_failed
     from train_seg.engine.trainer import fit, prepare
 
+    from train_seg.search.study import TrialPruned
+
     try:
         return _best_value(fit(prepare(cfg, run_dir)).best)
+    except TrialPruned as exc:  # metrics.json says pruned (with its best so far); the sweeper tells Optuna
+        log.info("train_seg: %s", exc)
+        return math.nan
     except Exception as exc:
         if isinstance(exc, USER_ERRORS):
             log.error("train_seg: error: %s", exc)  # bad input: the one-paragraph message says it all

@@ -20,6 +20,10 @@ MAX_NAME = 120
 RESOLVER = "train_seg_job_dirname"
 
 
+# overrides a sweeper adds for its own use, never a setting of the run: left out of names, summaries and groups
+SWEEPER_KEYS = ("trial",)
+
+
 def override_key(override: str) -> str:
     """``a.b`` of ``+a.b=1`` / ``~a.b`` / ``a.b=1``."""
     return override.split("=", 1)[0].lstrip("+~")
@@ -65,7 +69,10 @@ def job_dirname(*, _root_) -> str:
     dirname = hydra.job.config.override_dirname
     overrides = ordered_overrides([str(o) for o in hydra.overrides.task], swept, set(dirname.exclude_keys))
     name = str(dirname.item_sep).join(o.replace("=", str(dirname.kv_sep), 1) for o in overrides)
-    return shorten(f"{hydra.job.num}_{name}" if name else str(hydra.job.num))
+    # an Optuna trial is numbered by the study (unique over all workers of one study), a grid job by its launch order
+    num = OmegaConf.select(_root_, "trial.number", default=None)
+    num = hydra.job.num if num is None else num
+    return shorten(f"{num}_{name}" if name else str(num))
 
 
 def register_resolvers() -> None:

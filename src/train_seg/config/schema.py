@@ -231,6 +231,8 @@ class TrainConfig:
     metrics: Any = group("configs/metrics/ (MetricsConfig)")
     logger: Any = group("configs/logger/: one node per sink")
     summary: Any = group("the top-level `summary:` node of configs/train.yaml, if any (train_seg.reporting.summary)", None)
+    trial: Any = group("set by the Optuna sweeper for each trial of hparams_search=optuna (storage, study_name, number, "
+                       "pruner: train_seg.search.study.TrialSpec); null otherwise", None)
 
 
 # name in the ConfigStore -> (group, schema); the YAML names it first in its defaults list

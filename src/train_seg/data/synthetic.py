@@ -44,7 +44,7 @@ class SyntheticShapes(SegmentationSource):
     def __init__(
         self,
         split: str,
-        num_train: int = 300,
+        num_train: int = 450,
         num_val: int = 100,
         num_calib: int = 100,
         image_size: int = 128,
@@ -55,7 +55,7 @@ class SyntheticShapes(SegmentationSource):
         ignore_border: int = 0,
         binary: bool = False,
         car_size: tuple[float, float] = (18.0, 24.0),
-        car_probability: float = 0.25,
+        car_probability: float = 0.17,
     ):
         if split not in _SPLIT_CODES:
             raise DatasetError(f"dataset.split: expected one of {sorted(_SPLIT_CODES)}, got {split!r}.")

@@ -75,7 +75,16 @@ def build_run(cfg, run_dir: Path, settings: LoopSettings, context: RunContext) -
         train_set=train_set, val_set=val_set, train_loader=train_loader, val_loader=val_loader, sampler=sampler,
         generator=generator, total_steps=total_steps,
         sinks=build_sinks(cfg.get("logger"), main_process=distributed.is_main()),
+        trial=_trial_reporter(cfg.get("trial")),
     )
+
+
+def _trial_reporter(node):
+    """The job's ``search.study.TrialReporter`` when the Optuna sweeper launched it (config ``trial``), else None."""
+    from train_seg.search.study import TrialReporter, TrialSpec
+
+    spec = TrialSpec.from_config(node)
+    return None if spec is None else TrialReporter(spec)
 
 
 def _data_loaders(trainer_cfg, train_set, val_set, sampler, device: torch.device, generator, seed: int):

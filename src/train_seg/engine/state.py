@@ -53,6 +53,7 @@ class Run:
     global_step: int = 0
     best: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    trial: Any = None  # search.study.TrialReporter of an Optuna trial (reports evaluations, may prune), else None
     rank_rng: list | None = None  # every rank's random state, gathered for the checkpoint being written (else None)
 
     def __post_init__(self) -> None:

@@ -181,7 +181,9 @@ def fit(run: Run, sinks: Sequence[Sink] | None = None) -> Run:
     """The training loop: trains epoch by epoch, evaluates every ``trainer.eval_every`` epochs (and after the
     last), keeps the best ``optimized_metric`` and the history, and hands every event to the sinks (``run.sinks``
     unless given). Mid-epoch checkpoints (``trainer.checkpoint_every_*``) and SIGTERM / SIGINT go through
-    ``_StepHook``; a resumed run continues its partly done epoch. Returns the run (``best``, ``history`` final)."""
+    ``_StepHook``; a resumed run continues its partly done epoch. An Optuna trial (``run.trial``) reports each
+    evaluation but the last and stops with ``search.study.TrialPruned`` when its pruner says so (after the epoch's
+    checkpoint). Returns the run (``best``, ``history`` final)."""
     sinks = list(run.sinks if sinks is None else sinks)
     trainer, metric = run.config["trainer"], run.config["optimized_metric"]
     max_epochs, max_steps = int(trainer["max_epochs"]), trainer["max_steps"]
@@ -193,6 +195,8 @@ def fit(run: Run, sinks: Sequence[Sink] | None = None) -> Run:
         hook = _StepHook(run, sinks, stop)
         try:
             _emit(sinks, "on_train_start", run)
+            if run.trial is not None:
+                run.trial.start(run.run_dir)
             while epoch < max_epochs and (max_steps is None or run.global_step < max_steps):
                 progress, tic = _start_epoch(run, epoch), time.perf_counter()
                 run.global_step, loss = train_one_epoch(
@@ -216,8 +220,7 @@ def fit(run: Run, sinks: Sequence[Sink] | None = None) -> Run:
                 run.history.append(entry)
                 _emit_checkpoint(run, sinks, "on_epoch_end",
                                  EpochEnd(epoch, run.global_step, loss, entry, result, improved, run.best))
-                hook.saved()
-                hook.stop_if_asked(epoch, None, run.global_step)
+                hook.epoch_ended(epoch, result, last)
         except BaseException as exc:
             _fail(sinks, exc)
             raise
@@ -265,6 +268,15 @@ class _StepHook:
 
     def saved(self) -> None:
         self.last_save = time.monotonic()
+
+    def epoch_ended(self, epoch: int, result: EvalResult | None, last: bool) -> None:
+        """After an epoch's checkpoint: a stop signal ends the run here (``RunInterrupted``); an Optuna trial reports
+        the evaluation (all but the last) and its pruner may stop it (``search.study.TrialPruned``)."""
+        self.saved()
+        self.stop_if_asked(epoch, None, self.run.global_step)
+        trial = self.run.trial
+        if trial is not None and result is not None and not last:
+            trial.check(result.scalars.get(self.run.config["optimized_metric"], math.nan), epoch)
 
     def stop_if_asked(self, epoch: int, progress: EpochProgress | None, step: int) -> None:
         """After a stop signal: checkpoint (mid-epoch, unless ``progress`` is None: the epoch end just wrote one)

@@ -3,7 +3,8 @@
 Writes ``summary.csv``, ``summary.md`` and ``summary.png`` into the sweep directory and prints a short table; the
 sweep callback (``train_seg.reporting.sweep``) runs the same code at the end of every multirun. A job is any
 directory under the sweep dir holding ``.hydra/overrides.yaml`` or ``metrics.json``; only those files are read
-(never torch, never a checkpoint). Job status: ``completed``, ``failed``, ``interrupted``, ``running`` (metrics.json
+(never torch, never a checkpoint). Job status: ``completed``, ``pruned`` (an Optuna trial stopped by its pruner),
+``failed``, ``interrupted``, ``running`` (metrics.json
 says training is under way), ``incomplete`` (no metrics.json yet).
 
 Rare classes: training pixel share below ``rare_share`` (default: the jobs' config value); ``*_rare_mIoU`` is
@@ -25,10 +26,11 @@ from typing import Any, Sequence
 
 from train_seg.reporting import record
 from train_seg.atomic import atomic_write
-from train_seg.config.naming import override_key, swept_keys
+from train_seg.config.naming import SWEEPER_KEYS, override_key, swept_keys
 
 FILES = ("summary.csv", "summary.md", "summary.png")
 COMPLETED = "completed"
+PRUNED = "pruned"  # an Optuna trial its pruner stopped: left out of the statistics, listed, and not a failure
 # statuses that end a job without completing it (the sweep callback exits non-zero when one of them is present)
 NOT_COMPLETED = ("failed", "interrupted", "running", "incomplete")
 _SKIP_DIRS = {".hydra", ".cache", "__pycache__"}
@@ -185,7 +187,9 @@ def _read_overrides(job_dir: Path) -> list[str]:
         data = yaml.safe_load(path.read_text()) or []
     except (OSError, yaml.YAMLError):
         return []
-    return [str(item) for item in data] if isinstance(data, list) else []
+    if not isinstance(data, list):
+        return []
+    return [str(item) for item in data if override_key(str(item)) not in SWEEPER_KEYS]
 
 
 def _float(value: Any) -> float:

@@ -41,7 +41,7 @@ class SweepSummaryCallback(Callback):
                              "sweep preset: seed 0 .. seeds-1).")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from train_seg.reporting.summary import FILES, console_table, write_summary
+        from train_seg.reporting.summary import FILES, PRUNED, console_table, write_summary
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
@@ -61,7 +61,7 @@ class SweepSummaryCallback(Callback):
         self._write_hparams_experiment(config, sweep_dir, summary)
         print(f"\nsweep summary ({sweep_dir}):\n{console_table(summary)}", flush=True)
         print("wrote " + ", ".join(str(sweep_dir / name) for name in FILES), flush=True)
-        bad = summary.not_completed
+        bad = [job for job in summary.not_completed if job.status != PRUNED]
         if bad:
             lines = [f"  {job.name}: {job.status}" + (f": {job.error.splitlines()[0][:300]}" if job.error else "")
                      for job in bad]

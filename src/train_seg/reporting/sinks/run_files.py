@@ -1,8 +1,8 @@
 """The run's own files: ``last.pt`` (and ``best.pt`` on an improving epoch) and ``metrics.json`` after every epoch,
 ``last.pt`` with the epoch's position also mid-epoch (``trainer.checkpoint_every_*``, stop signals);
 at the end ``metrics.json`` marked ``completed`` and ``per_class.png`` (IoU against training pixel share, recall
-and precision of the last evaluation); or ``metrics.json`` marked ``failed`` / ``interrupted`` with the error when
-the loop raised. Always on, and always the last sink, so the files describe everything the other sinks reported."""
+and precision of the last evaluation); or ``metrics.json`` marked ``failed`` / ``interrupted`` / ``pruned`` (an Optuna
+trial its pruner stopped) with the error when the loop raised. Always on, and always the last sink, so the files describe everything the other sinks reported."""
 from __future__ import annotations
 
 from train_seg.reporting import record
@@ -49,5 +49,7 @@ class RunFilesSink(Sink):
     def on_failure(self, error: BaseException) -> None:
         if self.run is None:
             return
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        # an exception may name its own status (search.study.TrialPruned: "pruned")
+        status = getattr(error, "run_status", None) or ("interrupted" if isinstance(error, KeyboardInterrupt)
+                                                        else "failed")
         record.write(self.run.run_dir, self.run.record(status, self.final, record.describe_error(error)))
