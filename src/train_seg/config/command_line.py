@@ -14,6 +14,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 
+class SetupError(ValueError):
+    """Bad input found by a Hydra plugin of ours before any job runs (the Optuna sweeper's settings, a missing
+    extra): reported like every user error, one paragraph and exit status 2 (``report_hydra_errors``)."""
+
+
 # the exit status of every user error, before or during a run: bad input, an output that cannot be written
 USER_ERROR_STATUS = 2
 
@@ -66,7 +71,7 @@ def hydra_error_message(error: BaseException) -> str:
 
 def report_hydra_errors(prog: str) -> None:
     """Makes Hydra's own errors (composing the config: an override that does not parse, an unknown key or group
-    option, a value of the wrong type) user errors like every other: ``<prog>: error: <one paragraph>``, exit status
+    option, a value of the wrong type) and our plugins' ``SetupError`` user errors like every other: ``<prog>: error: <one paragraph>``, exit status
     2, no traceback unless ``HYDRA_FULL_ERROR=1``. Hydra reports them itself with exit status 1; this wraps its
     ``run_and_report`` (hydra-core 1.1-1.3), leaving every other error to it."""
     import hydra._internal.utils as hydra_utils
@@ -80,10 +85,11 @@ def report_hydra_errors(prog: str) -> None:
         def guarded():
             try:
                 return func()
-            except CompactHydraException as exc:
+            except (CompactHydraException, SetupError) as exc:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                print(f"{prog}: error: {hydra_error_message(exc)}", file=sys.stderr)
+                message = str(exc) if isinstance(exc, SetupError) else hydra_error_message(exc)
+                print(f"{prog}: error: {message}", file=sys.stderr)
                 sys.exit(USER_ERROR_STATUS)
 
         return original(guarded)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from train_seg.config.command_line import SetupError
+
 MEMORY = "memory"
 JOURNAL = "journal:"  # the canonical form of a journal file: journal:<absolute path>
 JOURNAL_FILE = "optuna.journal"  # the default file in the sweep directory
@@ -26,7 +28,7 @@ RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 MIN_OPTUNA = (4, 0)
 
 
-class SearchError(ValueError):
+class SearchError(SetupError):
     """A search that cannot run as configured (a storage spec, a missing or too old Optuna): one paragraph."""
 
 

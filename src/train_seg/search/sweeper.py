@@ -39,8 +39,8 @@ NOT_COUNTED = "not_counted"  # user attribute of a FAIL trial that does not coun
 
 def search_space(arguments: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """``(distributions, fixed)`` from overrides in Hydra's grammar: ``choice(a, b)`` is categorical,
-    ``interval(lo, hi)`` uniform (``tag(log, interval(...))`` log-uniform; integers give integer distributions),
-    ``range(lo, hi[, step])`` an integer (or stepped float) range; a plain ``key=value`` is fixed for every trial.
+    ``interval(lo, hi)`` a float, uniform (``tag(log, interval(...))`` log-uniform), ``range(lo, hi[, step])`` an
+    integer (or stepped float) range, end excluded; a plain ``key=value`` is fixed for every trial.
     Raises SearchError for a sweep Optuna cannot sample."""
     optuna = require_optuna()
     dists = optuna.distributions
@@ -55,17 +55,13 @@ def search_space(arguments: Sequence[str]) -> tuple[dict[str, Any], dict[str, st
             distributions[key] = dists.CategoricalDistribution(
                 list(override.sweep_iterator(transformer=Transformer.encode)))
         elif isinstance(value, RangeSweep):
+            last = max(override.sweep_iterator())  # the range's last value (its end is excluded)
             if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
-                distributions[key] = dists.FloatDistribution(value.start, value.stop - value.step, step=value.step)
+                distributions[key] = dists.FloatDistribution(value.start, last, step=value.step)
             else:
-                distributions[key] = dists.IntDistribution(int(value.start), int(value.stop) - int(value.step),
-                                                           step=int(value.step))
-        elif isinstance(value, IntervalSweep):
-            log_scale = "log" in value.tags
-            if isinstance(value.start, int) and isinstance(value.end, int):
-                distributions[key] = dists.IntDistribution(value.start, value.end, log=log_scale)
-            else:
-                distributions[key] = dists.FloatDistribution(float(value.start), float(value.end), log=log_scale)
+                distributions[key] = dists.IntDistribution(int(value.start), int(last), step=int(value.step))
+        elif isinstance(value, IntervalSweep):  # Hydra parses interval bounds as floats
+            distributions[key] = dists.FloatDistribution(float(value.start), float(value.end), log="log" in value.tags)
         else:
             raise SearchError(f"hydra.sweeper.params.{key}={override.get_value_element_as_str()}: Optuna samples "
                               "choice(...), interval(...), tag(log, interval(...)) and range(...) only.")
@@ -224,7 +220,8 @@ class OptunaSearch(Sweeper):
         run_dir = trial.user_attrs.get("run_dir")
         if resumes is not None and run_dir:  # continue the interrupted trial's run from its last.pt, in its directory
             path = Path(run_dir)
-            overrides += [f"hydra.sweep.dir={path.parent}", f"hydra.sweep.subdir={path.name}", "trainer.resume=auto"]
+            overrides += [f"hydra.sweep.dir={_quoted(path.parent)}", f"hydra.sweep.subdir={_quoted(path.name)}",
+                          "trainer.resume=auto"]
             log.info("trial %d continues interrupted trial %d in %s", trial.number, resumes, path)
         return overrides
 
@@ -300,6 +297,11 @@ def _counts(study) -> tuple[int, int]:
 def _counted_before(study, number: int) -> int:
     """Trials numbered below ``number`` that count (ended, running or queued; not surplus or interrupted)."""
     return sum(1 for t in study.get_trials(deepcopy=False) if t.number < number and NOT_COUNTED not in t.user_attrs)
+
+
+def _quoted(value) -> str:
+    """A string as a quoted value of Hydra's override grammar (job directory names hold ``=`` and ``,``)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _plain(node):
