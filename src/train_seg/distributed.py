@@ -314,9 +314,10 @@ def session(env: DistEnv, device_type: str | torch.device = "cpu",
         barrier()  # no rank destroys the group while a peer is still inside a collective
     except (dist.DistError, RuntimeError) as exc:
         if env.distributed and _is_collective_failure(exc):
+            peer = f"rank {1 - env.rank}" if env.world_size == 2 else "another rank"
             raise RankFailure(
-                f"rank {env.rank} of {env.world_size} stopped: a collective operation failed because "
-                f"{'rank ' + str(1 - env.rank) if env.world_size == 2 else 'another rank'} crashed, was killed, or did not reach the same point within the timeout ({timeout_s:g} s). This rank "
+                f"rank {env.rank} of {env.world_size} stopped: a collective operation failed because {peer} crashed, "
+                f"was killed, or did not reach the same point within the timeout ({timeout_s:g} s). This rank "
                 "has written nothing more; the failing rank's own error is in its log (torchrun prints it as the root "
                 f"cause). ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
         raise

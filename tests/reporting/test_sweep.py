@@ -16,9 +16,9 @@ from conftest import CONFIG_DIR, cli_env
 
 TINY = ["model=tiny", "dataset.num_train=8", "dataset.num_val=4", "dataset.image_size=64", "trainer.batch_size=2",
         "trainer.max_epochs=1", "trainer.num_workers=0", "trainer.progress=false", "logger.tensorboard.num_overlays=1",
-        # dataset seed 3: the 4 val images hold every class; on its 8 training images car has 1.6% of the pixels
-        # (road 2.4%), so rare_share=0.02 keeps car the one rare class
-        "dataset.seed=3", "rare_share=0.02"]
+        # dataset seed 3 and car probability 0.25: the 4 val images hold every class; on its 8 training images car
+        # has 1.6% of the pixels (road 2.4%), so rare_share=0.02 keeps car the one rare class
+        "dataset.seed=3", "dataset.car_probability=0.25", "rare_share=0.02"]
 
 
 def run_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
