@@ -15,8 +15,8 @@ from train_seg.search.study import (MEMORY, SearchError, TrialPruned, TrialRepor
 
 def test_storage_strings(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert storage_url(None, tmp_path / "sweep", in_process=True) == MEMORY
-    assert storage_url(None, "sweep", in_process=False) == f"journal:{tmp_path / 'sweep' / 'optuna.journal'}"
+    for in_process in (True, False):  # by default a journal in the sweep directory, whatever the launcher
+        assert storage_url(None, "sweep", in_process) == f"journal:{tmp_path / 'sweep' / 'optuna.journal'}"
     assert storage_url("runs/search.journal", "sweep", False) == f"journal:{tmp_path / 'runs' / 'search.journal'}"
     assert storage_url(f"journal://{tmp_path}/a.log", "sweep", False) == f"journal:{tmp_path / 'a.log'}"
     assert storage_url("sqlite:///search.db", "sweep", False) == "sqlite:///search.db"

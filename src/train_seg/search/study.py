@@ -1,8 +1,8 @@
 """Where a search's Optuna study lives, and the training job's side of a trial.
 
-Storage (``hydra.sweeper.storage``, see ``storage_url``): ``null`` keeps the study in memory when the trials run in
-the sweeper's own process (Hydra's basic launcher) and in ``<sweep dir>/optuna.journal`` otherwise (a joblib or
-SLURM job must reach the study to report to it); ``memory``; a file ``*.journal`` (Optuna's JournalStorage: one
+Storage (``hydra.sweeper.storage``, see ``storage_url``): ``null`` keeps the study in ``<sweep dir>/optuna.journal``
+(so any search can be continued, and a joblib or SLURM job can reach the study to report to it); ``memory`` (the
+basic launcher only: nothing is kept); a file ``*.journal`` (Optuna's JournalStorage: one
 file that any number of workers on a shared file system use at once, and that a killed search continues from); or
 an RDB URL (``sqlite:///search.db``, ``postgresql://user:pw@host/db``, ``mysql://...``) for workers on several
 machines.
@@ -64,8 +64,8 @@ def storage_url(spec: str | None, sweep_dir: str | Path, in_process: bool) -> st
     """The canonical storage string of ``hydra.sweeper.storage`` (module docstring); relative journal paths are
     taken from the current directory. Raises SearchError for ``memory`` with jobs outside this process, and for a
     string that is none of the accepted forms."""
-    if spec is None or str(spec).strip() == "":
-        return MEMORY if in_process else JOURNAL + str((Path(sweep_dir) / JOURNAL_FILE).resolve())
+    if spec is None or str(spec).strip() == "":  # every search can be continued: same hydra.sweep.dir, same command
+        return JOURNAL + str((Path(sweep_dir) / JOURNAL_FILE).resolve())
     text = str(spec).strip()
     if text == MEMORY:
         if not in_process:
