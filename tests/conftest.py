@@ -24,11 +24,11 @@ CONFIG_DIR = str(ROOT / "src" / "train_seg" / "configs")
 
 torch.set_num_threads(THREADS)
 
-# Temporary files in RAM when the machine has room (README "Development": the checkpoint-writing tests are
+# Temporary files in RAM when the machine has room (docs/development.md: the checkpoint-writing tests are
 # disk-bound otherwise). Nothing they check depends on the medium (a SIGKILL loses no page cache; atomic renames
 # behave the same). TRAIN_SEG_TEST_TMP=disk, or --basetemp, keeps pytest's own choice.
 SHM = Path("/dev/shm")
-SHM_MIN_FREE = 8 * 2**30  # what the whole suite leaves behind until it ends stays below this (README)
+SHM_MIN_FREE = 8 * 2**30  # what the whole suite leaves behind until it ends stays below this (docs/development.md)
 MIN_AVAILABLE_RAM = 16 * 2**30  # ... which must leave the test processes room
 
 

@@ -1,7 +1,8 @@
-"""README.md's "Configuration reference" is in sync with the composed config.
+"""The docs' configuration reference (docs/configuration.md, and docs/losses.md for `loss` and `weighting`) is in
+sync with the composed config.
 
 For the top level, `trainer` and `paths` (typed: train_seg.config.schema), and for `model` and `weighting` as far as the
-README documents them key by key: every key of the composed config is documented, no documented key is missing
+pages document them key by key: every key of the composed config is documented, no documented key is missing
 from it, and the documented default equals the composed one (`null`, `true`, numbers and backticks normalised).
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from train_seg.config import schema
-README = ROOT / "README.md"
+# the pages whose `## ` subsections make the reference (a subsection title is unique across them)
+PAGES = [ROOT / "docs" / "configuration.md", ROOT / "docs" / "losses.md"]
 CELL_SPLIT = re.compile(r"(?<!\\)\|")
 # `key` = value, in the weighting table's parameters column and its "Common keys:" paragraph
 ASSIGNMENT = re.compile(r"`(\w+)` = (`[^`]*`|\[[^\]]*\]|[^\s,;()]+)")
@@ -25,20 +27,20 @@ ASSIGNMENT = re.compile(r"`(\w+)` = (`[^`]*`|\[[^\]]*\]|[^\s,;()]+)")
 SELECTORS = {"model": {"_target_", "arch"}, "weighting": {"scheme"}}
 
 
-# -- the README ------------------------------------------------------------------------------------------------
+# -- the pages ------------------------------------------------------------------------------------------------
 def reference_sections() -> dict[str, str]:
-    """Title of each `###` subsection of "## Configuration reference" -> its text."""
-    text = README.read_text(encoding="utf-8")
-    start = text.index("\n## Configuration reference")
-    end = text.find("\n## ", start + 1)
-    section = text[start:end if end != -1 else None]
-    parts = section.split("\n### ")[1:]
-    return {part.split("\n", 1)[0].strip(): part.split("\n", 1)[1] if "\n" in part else "" for part in parts}
+    """Title of each `## ` subsection of the reference pages -> its text."""
+    found = {}
+    for page in PAGES:
+        parts = page.read_text(encoding="utf-8").split("\n## ")[1:]
+        for part in parts:
+            found[part.split("\n", 1)[0].strip()] = part.split("\n", 1)[1] if "\n" in part else ""
+    return found
 
 
 def section(title_start: str) -> str:
     matches = [body for title, body in reference_sections().items() if title.startswith(title_start)]
-    assert len(matches) == 1, f'README.md "Configuration reference": expected one "### {title_start}..." subsection'
+    assert len(matches) == 1, f'docs, configuration reference: expected one "## {title_start}..." subsection'
     return matches[0]
 
 
@@ -58,7 +60,7 @@ def tables(body: str) -> list[list[dict[str, str]]]:
 def key_table(title_start: str) -> dict[str, str]:
     """{key: default cell} of the `| key | default | meaning |` table of a subsection."""
     matches = [t for t in tables(section(title_start)) if t and list(t[0])[:2] == ["key", "default"]]
-    assert len(matches) == 1, f"README.md, {title_start}: expected one `| key | default | meaning |` table"
+    assert len(matches) == 1, f"docs, {title_start}: expected one `| key | default | meaning |` table"
     return {unquote(row["key"]): row["default"] for row in matches[0]}
 
 
@@ -71,7 +73,7 @@ def unquote(text: str) -> str:
 
 # -- comparing values -----------------------------------------------------------------------------------------
 def normalized(value):
-    """A comparable form of a README cell or a config value: null/None, booleans, numbers (int == float), text."""
+    """A comparable form of a docs cell or a config value: null/None, booleans, numbers (int == float), text."""
     if isinstance(value, str):
         text = unquote(value)
         lowered = text.lower()
@@ -99,7 +101,7 @@ def normalized(value):
 
 
 def readme_text(value) -> str:
-    """How a default is written in the README (for the suggested row of a failure message)."""
+    """How a default is written in the docs (for the suggested row of a failure message)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -123,7 +125,7 @@ def options(group: str) -> list[str]:
 
 
 def suggested_row(key: str, value) -> str:
-    """The README row of a key: for a schema key from its default and one-line doc in train_seg.config.schema."""
+    """The docs row of a key: for a schema key from its default and one-line doc in train_seg.config.schema."""
     docs = {dotted: f for dotted, f in schema.schema_fields()}
     name = key.rsplit(".", 1)[-1]
     if key not in docs:
@@ -134,13 +136,13 @@ def suggested_row(key: str, value) -> str:
 def assert_in_sync(where: str, documented: dict[str, str], config: dict, prefix: str = "") -> None:
     undocumented = [k for k in config if k not in documented]
     assert not undocumented, (
-        f"README.md, {where}: keys of the composed config that are not documented: {undocumented}. Add:\n"
+        f"docs, {where}: keys of the composed config that are not documented: {undocumented}. Add:\n"
         + "\n".join(suggested_row(prefix + k, config[k]) for k in undocumented))
     stale = [k for k in documented if k not in config]
-    assert not stale, f"README.md, {where}: documented keys that the composed config does not have: {stale}"
+    assert not stale, f"docs, {where}: documented keys that the composed config does not have: {stale}"
     wrong = {k: (documented[k], config[k]) for k in config if normalized(documented[k]) != normalized(config[k])}
     assert not wrong, (
-        f"README.md, {where}: documented default != composed default (README, config): {wrong}")
+        f"docs, {where}: documented default != composed default (docs, config): {wrong}")
 
 
 # -- the typed levels: top level, trainer, paths ----------------------------------------------------------------
@@ -159,13 +161,13 @@ def test_typed_group_keys_and_defaults_match_the_readme(group):
 
 
 def test_readme_defaults_are_the_schema_defaults():
-    """The README's defaults of the typed keys are the schema's (a YAML overriding one would also fail above)."""
+    """The documented defaults of the typed keys are the schema's (a YAML overriding one would also fail above)."""
     documented = {"": key_table("Top level"), "trainer.": key_table("`trainer`"), "paths.": key_table("`paths`"),
                   "metrics.": key_table("`metrics`")}
     for key, f in schema.schema_fields():
         prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
         name = key.rsplit(".", 1)[-1]
-        assert name in documented[prefix], f"README.md lacks {key}:\n{suggested_row(key, schema.default_of(f))}"
+        assert name in documented[prefix], f"docs/configuration.md lacks {key}:\n{suggested_row(key, schema.default_of(f))}"
         assert normalized(documented[prefix][name]) == normalized(schema.default_of(f)), key
 
 
@@ -182,7 +184,7 @@ def option_default(cell: str, option: str) -> str:
         word = qualifier.strip().lower().replace("-", "").rstrip("s")
         if word in option.replace("-", "").lower():
             return value.strip()
-    raise AssertionError(f"README.md, `model`: default {cell!r} names no qualifier that applies to {option}")
+    raise AssertionError(f"docs, `model`: default {cell!r} names no qualifier that applies to {option}")
 
 
 TEST_MODELS = ("tiny",)  # documented in one sentence of the `model` section, not in the DeepLabV3 key table
@@ -199,7 +201,7 @@ def test_model_keys_and_defaults_match_the_readme(option):
 def test_the_test_models_keys_are_named_in_the_readme(option):
     body = section("`model`")
     line = next((ln for ln in body.splitlines() if ln.startswith(f"`model={option}`")), None)
-    assert line, f"README.md, `model`: no line starting with `model={option}`"
+    assert line, f"docs, `model`: no line starting with `model={option}`"
     cfg = {k: v for k, v in composed(f"model={option}")["model"].items() if k not in SELECTORS["model"]}
     named = set(re.findall(r"`(\w+)` \(default ([^)]*)\)", line))
     assert named == {(k, str(v).lower()) for k, v in cfg.items()}, (line, cfg)
@@ -214,10 +216,10 @@ def test_model_arch_is_the_option_name():
 def weighting_reference() -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     body = section("`weighting`")
     table = [t for t in tables(body) if t and list(t[0])[0] == "option"]
-    assert len(table) == 1, "README.md, `weighting`: expected one `| option | formula | parameters |` table"
+    assert len(table) == 1, "docs, `weighting`: expected one `| option | formula | parameters |` table"
     per_option = {unquote(row["option"]): dict(ASSIGNMENT.findall(row["parameters"])) for row in table[0]}
     common_text = re.search(r"^Common keys:(.*?)(?:\n\n|\Z)", body, re.S | re.M)
-    assert common_text, 'README.md, `weighting`: the "Common keys:" paragraph is missing'
+    assert common_text, 'docs, `weighting`: the "Common keys:" paragraph is missing'
     return per_option, dict(ASSIGNMENT.findall(common_text.group(1)))
 
 
@@ -253,13 +255,13 @@ def test_normalisation():
 
 
 def test_a_wrong_default_or_a_missing_row_is_caught(tmp_path, monkeypatch):
-    text = README.read_text(encoding="utf-8")
+    text = PAGES[0].read_text(encoding="utf-8")
     wrong = text.replace("| `max_epochs` | 8 |", "| `max_epochs` | 13 |", 1)
     missing = re.sub(r"\n\| `log_every` \|[^\n]*", "", text, count=1)
     assert wrong != text and missing != text
     trainer = composed()["trainer"]
     for variant, complaint in ((wrong, "default != composed default"), (missing, "not documented: ['log_every']")):
-        (tmp_path / "README.md").write_text(variant, encoding="utf-8")
-        monkeypatch.setitem(globals(), "README", tmp_path / "README.md")
+        (tmp_path / "configuration.md").write_text(variant, encoding="utf-8")
+        monkeypatch.setitem(globals(), "PAGES", [tmp_path / "configuration.md", *PAGES[1:]])
         with pytest.raises(AssertionError, match=re.escape(complaint)):
             assert_in_sync("`trainer`", key_table("`trainer`"), trainer, prefix="trainer.")

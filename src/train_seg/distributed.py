@@ -10,8 +10,8 @@ collective helper is a no-op.
 Failure on one rank ends every rank non-zero, without a hang: the failing rank's exception propagates out of
 ``session`` (which destroys the group and re-raises); its peers are stopped by torchrun's agent, by gloo noticing
 the closed sockets, or at the latest by the process-group timeout (``timeout_s``). ``session`` turns such a
-collective error into ``RankFailure``, a one-paragraph message naming another rank's failure. See README.md,
-"Scaling out".
+collective error into ``RankFailure``, a one-paragraph message naming another rank's failure. See
+docs/scaling-out.md.
 """
 from __future__ import annotations
 

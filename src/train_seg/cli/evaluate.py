@@ -9,7 +9,7 @@ Prints the per-class table and writes, into a new output directory (one that hol
 refused): ``metrics.json`` (a ``RunRecord`` whose ``final`` is the evaluation entry, plus ``evaluation``: what was
 evaluated and how), ``confusion.csv`` (pixels; rows = true class, columns = predicted) and ``confusion.png``
 (row-normalised). Bad input exits with status 2 and one paragraph
-(``train_seg.config.command_line.exit_with_user_error``). See README.md, "Use a trained model".
+(``train_seg.config.command_line.exit_with_user_error``). See docs/using-a-model.md.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Options (``train_seg.cli.args``: evaluate's key names, ``--help`` lists them) ta
 ``--input`` may repeat; nothing but the requested files is written. Per input image, in ``--output``:
 ``<stem>_mask.png`` (class indices, palette PNG; 16-bit grey above 256 classes), ``<stem>_overlay.png``
 (``(1 - alpha) * image + alpha * colour``) and, with ``--save-probs``, ``<stem>_probs.npy`` (float16 ``(K, H, W)``
-softmax), all at the input's size. Output names, accepted inputs and image modes: README.md, "Predict images".
+softmax), all at the input's size. Output names, accepted inputs and image modes: docs/using-a-model.md, "Predict images".
 
 Exit status: 0 every input predicted; 1 some could not be (each reported by name, the others still written, the
 failures listed at the end); 2 bad arguments, missing inputs, existing outputs (unless ``--overwrite``) or

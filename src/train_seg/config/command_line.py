@@ -65,8 +65,8 @@ def hydra_error_message(error: BaseException) -> str:
     text = " ".join(sentences)
     if options:
         text = f"{text} {', '.join(options)}."
-    return (f"{text} Fix the override: every key, its type and its allowed values are in README.md (\"Configuration "
-            "reference\"), and `--help` lists the groups and their options.")
+    return (f"{text} Fix the override: every key, its type and its allowed values are in docs/configuration.md "
+            "(the configuration reference), and `--help` lists the groups and their options.")
 
 
 def report_hydra_errors(prog: str) -> None:

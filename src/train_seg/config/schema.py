@@ -10,7 +10,7 @@ type included, after ``normalize``) with a ``message`` template; ``note`` is app
 message; ``None`` passes. Groups without a schema (dataset, model, loss, ...) are checked from ``GROUP_CHECKS``
 when the selected option has the key.
 
-To add a key: add the field here, its row to README.md "Configuration reference" (tests/test_reference.py checks
+To add a key: add the field here, its row to docs/configuration.md (tests/test_reference.py checks
 the default), and read it in the code; YAML files do not repeat the schema's defaults.
 """
 import copy

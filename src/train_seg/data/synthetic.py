@@ -6,7 +6,7 @@ ellipses with ripples), 2 road (one 8-12 px band with a dashed centre line), 3 c
 checkered squares of ``car_size`` px in a ``car_probability`` share of the non-empty images). Colours are drawn
 per object from overlapping ranges with per-pixel noise, so a model must use texture and shape.
 ``empty_fraction`` of the images have no foreground. Pixel shares: ``python -m train_seg.cli.stats``; the
-default layout and its consequences: README.md, "The embedded dataset".
+default layout and its consequences: docs/datasets.md, "The embedded dataset".
 """
 from __future__ import annotations
 

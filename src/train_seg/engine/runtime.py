@@ -5,7 +5,7 @@
 Cores = the CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota, at least 1.
 Workers (``auto``): 0 for in-memory data, else ``clamp(cores // 2, 1, 4)``. Threads (``auto``): ``OMP_NUM_THREADS``
 if set, else ``max(1, cores - CORES_RESERVED_PER_WORKER * workers)``. The module constants are the whole rule
-(README.md, "Configuration reference", ``trainer``). One process cannot see its siblings: parallel sweep jobs on
+(docs/configuration.md, ``trainer``). One process cannot see its siblings: parallel sweep jobs on
 one machine need ``trainer.num_threads=cores/jobs`` (``experiment=cpu_sweep``).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 test-time augmentation) and predict a label mask from a numpy image (``predict``, the one prediction function).
 Every forward pass goes through ``train_seg.evaluation.loop.predict_batch``.
 
-Contracts (the full conventions are in README.md, "Evaluate a checkpoint" and "Use a trained model"):
+Contracts (the full conventions are in docs/using-a-model.md):
 ``to_model_input`` gives ``(N, 3, H, W)`` float32 normalised exactly as the checkpoint's val pipeline (grey, grey +
 alpha, RGBA, uint8/uint16/float inputs; other dtypes raise ``ValueError``). Every inference path returns float32
 logits at the input's size, on the inference device or ``accumulate_device``. Sliding windows cover every pixel

@@ -5,7 +5,7 @@ behind ``class_weights(stats, scheme, normalize, max_ratio, **params)``. Notatio
 class ``c`` in the training split, ``N = sum_c N_c`` (ignore pixels excluded everywhere), ``p_c = N_c / N``,
 ``n_c`` images containing ``c``.
 
-Conventions (decided here, see README "class weighting"):
+Conventions (decided here, see docs/losses.md, ``weighting``):
   * Absent classes. A class with zero pixels in the training split (``N_c = 0``, equivalently ``n_c = 0``) has an
     infinite or undefined weight under every frequency-based formula. It gets the LARGEST weight among the present
     classes instead: finite, and consistent with "rarer weighs more". Its weight never multiplies a target pixel

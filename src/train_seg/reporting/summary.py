@@ -11,7 +11,7 @@ Rare classes: training pixel share below ``rare_share`` (default: the jobs' conf
 recomputed here so every row uses the same classes. Jobs whose overrides differ only in ``seed`` form one
 configuration (``GroupResult``): n, mean and sample std (ddof=1) over its completed jobs only. A configuration beats
 the baseline when ``mean - std > baseline mean + baseline std`` (needs n >= 2 on both sides, else undetermined).
-Columns, rows and the baseline rule: README.md, "The summary: summary.md, summary.csv, summary.png".
+Columns, rows and the baseline rule: docs/sweeps.md, "The summary: summary.md, summary.csv, summary.png".
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ COMPLETED = "completed"
 PRUNED = "pruned"  # an Optuna trial its pruner stopped: left out of the statistics, listed, and not a failure
 # statuses that end a job without completing it (the sweep callback exits non-zero when one of them is present)
 NOT_COMPLETED = ("failed", "interrupted", "running", "incomplete")
-_SKIP_DIRS = {".hydra", ".cache", "__pycache__"}
+# not job directories: Hydra's, caches, and the MLflow sink's artifact store (its runs' copies of metrics.json)
+_SKIP_DIRS = {".hydra", ".cache", "__pycache__", "mlartifacts"}
 
 
 @dataclass
