@@ -7,8 +7,8 @@ Pixel losses are weighted means ``sum_i w[y_i] l_i / sum_i w[y_i]``; region loss
 the whole batch and averaged over classes with the class weights. Each class docstring states its formula.
 Each family is one module holding its functional form and its class: ``cross_entropy``, ``focal``, ``ohem``,
 ``dice`` (Dice, generalized Dice, Tversky), ``lovasz``, ``binary``, ``combo``; shared conventions, checks and
-helpers are in :mod:`train_seg.losses.base`. Every class except the composition ``WeightedSum`` derives from
-:class:`train_seg.losses.base.SegmentationLoss` and declares ``binary`` (one-channel sigmoid loss) and
+helpers are in ``train_seg.losses.base``. Every class except the composition ``WeightedSum`` derives from
+``train_seg.losses.base.SegmentationLoss`` and declares ``binary`` (one-channel sigmoid loss) and
 ``takes_class_weights`` (its constructor accepts ``weight``, which the builder then injects); a loss that declares
 ``takes_class_prior`` gets the training split's pixel shares as ``prior``.
 """

@@ -1,6 +1,6 @@
 """What every loss shares: the ``SegmentationLoss`` base class, argument and input checks, float32 helpers.
 
-Conventions of every loss of :mod:`train_seg.losses` (each class docstring states its own formula):
+Conventions of every loss of ``train_seg.losses`` (each class docstring states its own formula):
 
 * Shapes: logits ``(N, C, H, W)`` of any float dtype (``C = 1`` for the binary losses); target ``(N, H, W)``
   of an integer dtype, labels in ``[0, C)`` (``{0, 1}`` for binary) or ``ignore_index``; a scalar result.
@@ -181,7 +181,7 @@ class SegmentationLoss(nn.Module):
     ``binary``); a ``weight`` given to a class that takes none is a TypeError.
 
     Subclasses call ``super().__init__(ignore_index=..., weight=...)`` (``weight`` only if they take class
-    weights), validate their own arguments, and in ``forward`` call :meth:`check_inputs` before the math.
+    weights), validate their own arguments, and in ``forward`` call ``check_inputs`` before the math.
     """
 
     binary: bool = False

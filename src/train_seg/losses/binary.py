@@ -5,7 +5,7 @@ background and ``ignore_index`` = ignored (any other label counts as background)
 weight vector ``[w_bg, w_fg]`` produced by the class weighting, used per pixel as ``w[y_i]``; the pixel losses
 reduce as the weighted mean ``sum_i w[y_i] l_i / sum_i w[y_i]`` over non-ignored pixels (so scaling ``weight``
 does not change them). float32 with autocast disabled; an all-ignored batch gives 0 with a gradient graph.
-Functional forms: :func:`binary_cross_entropy`, :func:`sigmoid_focal_loss`, :func:`binary_dice_loss`.
+Functional forms: ``binary_cross_entropy``, ``sigmoid_focal_loss``, ``binary_dice_loss``.
 """
 
 from __future__ import annotations

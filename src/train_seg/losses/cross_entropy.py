@@ -1,10 +1,10 @@
 """Cross-entropy, and the fused target-log-probability loss it shares with focal loss and OHEM.
 
-:func:`pixel_log_prob_loss` is the weighted pixel mean ``sum_i s_i w[y_i] (1 - p_i)^gamma (-log p_i) /
+``pixel_log_prob_loss`` is the weighted pixel mean ``sum_i s_i w[y_i] (1 - p_i)^gamma (-log p_i) /
 sum_i w[y_i]`` over non-ignored pixels ``i`` (``p_i = softmax(logits)_{i, y_i}``, ``s`` a numerator-only scale
 such as focal alpha, ``gamma = 0`` for cross-entropy), one autograd Function with a fused backward
-(:class:`PixelLogProbLoss`); :mod:`.focal` and :mod:`.ohem` build on it. :class:`LogitAdjustedLoss` is
-cross-entropy on prior-shifted logits. Conventions: :mod:`.base`.
+(``PixelLogProbLoss``); ``.focal`` and ``.ohem`` build on it. ``LogitAdjustedLoss`` is
+cross-entropy on prior-shifted logits. Conventions: ``.base``.
 """
 
 from __future__ import annotations
@@ -157,9 +157,9 @@ class LogitAdjustedLoss(SegmentationLoss):
     Args:
         prior: ``(C,)`` class prior, >= 0 (None: uniform, i.e. plain cross-entropy); kept as ``log(max(pi,
             prior_floor))`` in the non-persistent buffer ``log_prior``.
-        tau: adjustment strength >= 0; ``tau = 0`` is exactly :class:`CrossEntropyLoss`.
+        tau: adjustment strength >= 0; ``tau = 0`` is exactly ``CrossEntropyLoss``.
         prior_floor: the share given to a class with no training pixels (> 0; ``log 0`` is ``-inf``).
-        weight, ignore_index, label_smoothing: as for :class:`CrossEntropyLoss`, applied to the shifted logits.
+        weight, ignore_index, label_smoothing: as for ``CrossEntropyLoss``, applied to the shifted logits.
     Shapes: logits ``(N, C, H, W)``, target ``(N, H, W)``; a scalar in float32 (autocast disabled).
     """
 
@@ -188,7 +188,7 @@ class LogitAdjustedLoss(SegmentationLoss):
 def logit_adjusted_cross_entropy(logits: Tensor, target: Tensor, log_prior: Tensor | None, tau: float,
                                  weight: Tensor | None = None, ignore_index: int = 255,
                                  label_smoothing: float = 0.0) -> Tensor:
-    """:func:`cross_entropy` of ``logits + tau * log_prior`` (one value per class; None or ``tau = 0``: none)."""
+    """``cross_entropy`` of ``logits + tau * log_prior`` (one value per class; None or ``tau = 0``: none)."""
     if log_prior is not None and tau != 0:
         logits = logits + (tau * float32_on(log_prior, logits)).view(1, -1, *([1] * (logits.dim() - 2)))
     return cross_entropy(logits, target, weight, ignore_index, label_smoothing)

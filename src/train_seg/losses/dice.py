@@ -1,11 +1,11 @@
 """Region losses over the whole batch: soft Dice, generalized Dice (Sudre et al. 2017), (focal) Tversky.
 
 All are formulas on per-class soft statistics over the non-ignored pixels ``i`` of the whole batch (not per
-image), from :func:`soft_class_stats` (one autograd Function with a fused backward):
+image), from ``soft_class_stats`` (one autograd Function with a fused backward):
 ``I_c = sum_i p_ic [y_i = c]`` (soft true positives), ``P_c = sum_i p_ic`` (soft predicted pixels),
 ``G_c = #{i : y_i = c}`` (target pixels), ``FP_c = P_c - I_c``, ``FN_c = G_c - I_c``; ``p = softmax(logits)``.
 A class with ``G_c = 0`` is *absent*. Per-class losses are averaged with class weights
-(:func:`class_weighted_mean`). Conventions: :mod:`train_seg.losses.base`.
+(``class_weighted_mean``). Conventions: ``train_seg.losses.base``.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class GeneralizedDiceLoss(SegmentationLoss):
     """Generalized Dice loss (Sudre et al. 2017), over the whole batch.
 
     Formula: ``L = 1 - (2 sum_c r_c I_c + s) / (sum_c r_c (P_c + G_c) + s)`` with ``I, P, G`` as in
-    :class:`DiceLoss` and class weights ``r_c`` computed from the batch's target counts:
+    ``DiceLoss`` and class weights ``r_c`` computed from the batch's target counts:
     ``1 / G_c^2`` (``weight_type="square"``, Sudre's choice), ``1 / G_c`` (``"simple"``) or 1 (``"uniform"``,
     a global Dice), then normalised to sum to 1, so ``smooth`` is in pixel units as in DiceLoss (the ratio
     itself does not depend on the scale of ``r``).
@@ -258,11 +258,11 @@ class TverskyLoss(SegmentationLoss):
     """Tversky loss (Salehi et al. 2017) and focal Tversky loss, per class over the whole batch.
 
     Formula: ``TI_c = (I_c + s) / (I_c + alpha FP_c + beta FN_c + s)`` with ``FP_c = P_c - I_c`` (soft false
-    positives) and ``FN_c = G_c - I_c`` (false negatives), ``I, P, G`` as in :class:`DiceLoss`;
+    positives) and ``FN_c = G_c - I_c`` (false negatives), ``I, P, G`` as in ``DiceLoss``;
     ``L_c = (1 - TI_c)^gamma``; ``L = sum_c w_c L_c / sum_c w_c``.
 
     * ``alpha`` weights false positives, ``beta`` false negatives: ``beta > alpha`` favours recall (rare classes).
-      ``alpha = beta = 0.5`` gives ``TI_c = (I_c + s) / ((P_c + G_c) / 2 + s)``, i.e. :class:`DiceLoss` with
+      ``alpha = beta = 0.5`` gives ``TI_c = (I_c + s) / ((P_c + G_c) / 2 + s)``, i.e. ``DiceLoss`` with
       smooth ``2 s`` (identical for ``s = 0``).
     * Focal Tversky: the exponent is applied as written, ``(1 - TI)^gamma`` (segmentation_models_pytorch's
       convention). Abraham & Khan (2019) write ``(1 - TI)^(1/gamma_AK)``: their recommended ``gamma_AK = 4/3`` is

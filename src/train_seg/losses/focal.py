@@ -1,7 +1,7 @@
-"""Softmax focal loss (Lin et al. 2017) for C classes: the functional form and :class:`FocalLoss`.
+"""Softmax focal loss (Lin et al. 2017) for C classes: the functional form and ``FocalLoss``.
 
-The math is :func:`train_seg.losses.cross_entropy.pixel_log_prob_loss` with ``gamma > 0`` and alpha as a
-numerator-only scale. Conventions: :mod:`train_seg.losses.base`.
+The math is ``train_seg.losses.cross_entropy.pixel_log_prob_loss`` with ``gamma > 0`` and alpha as a
+numerator-only scale. Conventions: ``train_seg.losses.base``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class FocalLoss(SegmentationLoss):
     ``L = sum_i a[y_i] w[y_i] l_i / sum_i w[y_i]``.
 
     * ``w`` are the class weights (``weight``, all 1 when None): numerator and denominator, so scaling them does
-      not change the loss and ``gamma=0, alpha=None`` equals :class:`CrossEntropyLoss` with the same
+      not change the loss and ``gamma=0, alpha=None`` equals ``CrossEntropyLoss`` with the same
       ``weight`` exactly.
     * ``a`` is alpha, a *multiplier of the numerator only* (as in Lin et al. and torchvision, where alpha scales
       the loss without renormalising): a scalar ``alpha`` follows the binary convention ``a = [1 - alpha,

@@ -1,7 +1,7 @@
 """Lovasz-softmax loss (Berman, Triki & Blaschko 2018): every class at once, one sort of integer keys.
 
-:func:`lovasz_softmax` is the functional form (an autograd Function with a sparse fused backward),
-:class:`LovaszSoftmaxLoss` the module. Conventions: :mod:`train_seg.losses.base`.
+``lovasz_softmax`` is the functional form (an autograd Function with a sparse fused backward),
+``LovaszSoftmaxLoss`` the module. Conventions: ``train_seg.losses.base``.
 """
 
 from __future__ import annotations

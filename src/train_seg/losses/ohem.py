@@ -1,7 +1,7 @@
 """Cross-entropy with online hard example mining over pixels (OHEM, as in PSPNet / MMSegmentation).
 
-The selection happens inside the fused :class:`train_seg.losses.cross_entropy.PixelLogProbLoss`, from the
-target log-probabilities it computes anyway. Conventions: :mod:`train_seg.losses.base`.
+The selection happens inside the fused ``train_seg.losses.cross_entropy.PixelLogProbLoss``, from the
+target log-probabilities it computes anyway. Conventions: ``train_seg.losses.base``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class OhemCrossEntropyLoss(SegmentationLoss):
     MMSegmentation's ``OHEMPixelSampler`` rule ``p < max(thresh, p_(min_kept))`` up to ties.
 
     Loss: ``L = sum_{i kept} w[y_i] (-log p_i) / sum_{i kept} w[y_i]`` (the weighted mean of
-    :class:`CrossEntropyLoss` restricted to the kept pixels; 0 with a gradient graph if none is kept).
+    ``CrossEntropyLoss`` restricted to the kept pixels; 0 with a gradient graph if none is kept).
 
     Args:
         thresh: probability threshold in (0, 1].
