@@ -1,5 +1,7 @@
 """models.PaddingAwareConv2d: a conv that skips the kernel taps reading only zero padding gives the plain conv's
 outputs and gradients, and does less arithmetic exactly where the taps are dead."""
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -111,11 +113,32 @@ def test_aspp_arithmetic_drops_where_the_rates_pass_the_map(size, aspp_taps):
 
 
 def test_scripting_and_tracing_use_the_whole_kernel():
-    """A trace at one size must stay right at another, so TorchScript and ONNX tracing see the plain conv."""
+    """A trace at one size must stay right at another, so TorchScript and ONNX tracing (the legacy exporters, which
+    torch deprecates: their FutureWarnings are expected here) see the plain conv."""
     torch.manual_seed(0)
     _, aware = _pair(4, 4, 3, 12, 1, bias=False)
-    traced = torch.jit.trace(aware, torch.randn(1, 4, 8, 8, dtype=torch.float64))  # all outer taps dead at 8
     x = torch.randn(1, 4, 20, 20, dtype=torch.float64)  # every tap live at 20
     plain = nn.functional.conv2d(x, aware.weight, None, 1, 12, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10: torch.jit.trace / script are deprecated
+        traced = torch.jit.trace(aware, torch.randn(1, 4, 8, 8, dtype=torch.float64))  # all outer taps dead at 8
+        scripted = torch.jit.script(aware)
     torch.testing.assert_close(traced(x), plain)
-    torch.testing.assert_close(torch.jit.script(aware)(x), plain)
+    torch.testing.assert_close(scripted(x), plain)
+
+
+def test_torch_export_with_dynamic_sizes_uses_the_whole_kernel():
+    """Exported at 8 x 8 (outer taps dead) with dynamic height and width, the program is right at 20 x 20 (every
+    tap live) too; with static sizes it keeps the live-tap slicing of its size."""
+    torch.manual_seed(0)
+    _, aware = _pair(4, 4, 3, 12, 1, bias=False)
+    sample, x = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(1, 4, 20, 20, dtype=torch.float64)
+    side = torch.export.Dim("side", min=2)
+    shapes = ({0: torch.export.Dim("batch", min=1), 2: side, 3: torch.export.Dim("width", min=2)},)
+    program = torch.export.export(aware, (sample,), dynamic_shapes=shapes, strict=False).module()
+    torch.testing.assert_close(program(x), nn.functional.conv2d(x, aware.weight, None, 1, 12, 12))
+    torch.testing.assert_close(program(sample), aware(sample))
+    static = torch.export.export(aware, (sample,), strict=False)
+    assert static.module()(sample).shape == sample.shape
+    targets = [node.target for node in static.graph.nodes if node.op == "call_function"]
+    assert any("slice" in str(target) for target in targets)  # the dead taps are cut off at a known size

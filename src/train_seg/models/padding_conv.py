@@ -34,7 +34,8 @@ class PaddingAwareConv2d(nn.Conv2d):
     does in the plain conv). Nothing changes at sizes where every tap is live. Parameters and state-dict keys are
     those of ``nn.Conv2d``; only stride-1 "same" convs are converted (``use_padding_aware_convs``).
 
-    TorchScript and ONNX tracing see the plain convolution (a trace at one size must stay right at another).
+    TorchScript, ONNX tracing and symbolic sizes (``torch.export`` with dynamic height and width, a dynamic
+    ``torch.compile``) see the plain convolution: one graph must stay right at every size.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -44,9 +45,13 @@ class PaddingAwareConv2d(nn.Conv2d):
 
     @torch.jit.unused
     def _live_forward(self, input: torch.Tensor) -> torch.Tensor:
+        height, width = input.shape[-2:]
+        if not (isinstance(height, int) and isinstance(width, int)):
+            # torch.SymInt sizes: choosing taps would put a guard on the size into the graph (export would refuse it)
+            return self._conv_forward(input, self.weight, self.bias)
         (kh, kw), (dh, dw), (ph, pw) = self.kernel_size, self.dilation, self.padding
-        top, bottom = live_taps(kh, dh, ph, int(input.shape[-2]))
-        left, right = live_taps(kw, dw, pw, int(input.shape[-1]))
+        top, bottom = live_taps(kh, dh, ph, height)
+        left, right = live_taps(kw, dw, pw, width)
         if (top, bottom, left, right) == (0, kh, 0, kw):
             return self._conv_forward(input, self.weight, self.bias)
         weight = self.weight[:, :, top:bottom, left:right]

@@ -24,7 +24,7 @@ from train_seg.atomic import write_json_atomic
 
 VERSION = 2
 FILENAME = "metrics.json"
-STATUSES = ("running", "completed", "failed", "interrupted")
+STATUSES = ("running", "completed", "failed", "interrupted", "pruned")  # pruned: stopped by an Optuna pruner
 PER_CLASS_KEYS = ("iou", "precision", "recall", "dice")
 
 
@@ -104,6 +104,13 @@ def describe_error(error: BaseException | str) -> str:
         message = str(error).strip()
         return f"{type(error).__name__}: {message}" if message else type(error).__name__
     return str(error)
+
+
+def status_of(error: BaseException) -> str:
+    """The status of a run that stopped on ``error``: the error's own ``run_status`` if it names one
+    (``search.study.TrialPruned``: ``pruned``), ``interrupted`` for a stop signal or Ctrl-C (a KeyboardInterrupt),
+    else ``failed``."""
+    return getattr(error, "run_status", None) or ("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
 
 
 def mark_failed(run_dir: str | Path, error: BaseException | str, status: str = "failed") -> dict:

@@ -1,9 +1,11 @@
 """The Hydra callback that closes every multirun (``SweepSummaryCallback``, registered in ``configs/hydra/default.yaml``).
 
-``on_multirun_start`` refuses ``seeds`` < 1 (it would launch no job). ``on_multirun_end`` writes ``summary.csv``,
-``summary.md`` and ``summary.png`` (``train_seg.reporting.summary``, baseline from ``summary.baseline``), prints a
-short table, writes the sweep's one HPARAMS experiment at the sweep root
-(``train_seg.reporting.sinks.tensorboard.write_sweep_experiment``), and exits with status 1 if any job is not
+``on_multirun_start`` refuses ``seeds`` < 1 (it would launch no job) and, with ``logger.mlflow`` set, creates the
+sweep's MLflow parent run (``train_seg.reporting.sinks.mlflow.start_sweep_run``; the jobs become its children).
+``on_multirun_end`` writes ``summary.csv``, ``summary.md`` and ``summary.png`` (``train_seg.reporting.summary``,
+baseline from ``summary.baseline``), prints a short table, writes the sweep's one HPARAMS experiment at the sweep root
+(``train_seg.reporting.sinks.tensorboard.write_sweep_experiment``), ends the MLflow parent with the sweep's status (a
+driver stopped before, by Ctrl-C, ends it ``interrupted`` at exit), and exits with status 1 if any job is not
 ``completed``. It reads only the files of the sweep directory, so it works with any launcher.
 
 A failing job reaches it as follows: the task function (``train_seg.__main__``) catches a job's exception, logs it,
@@ -12,6 +14,7 @@ instead of raising, because Hydra's sweepers would re-raise only after the batch
 """
 from __future__ import annotations
 
+import atexit
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,14 +34,35 @@ class SweepSummaryCallback(Callback):
     def __init__(self, rare_share: float | None = None, exit_on_failure: bool = True):
         self.rare_share = None if rare_share is None else float(rare_share)
         self.exit_on_failure = bool(exit_on_failure)
+        self.mlflow_parent: Path | None = None  # the sweep directory whose MLflow parent run is open
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         seeds = OmegaConf.select(config, "seeds", default=None)
-        if seeds is None:
-            return
-        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
             raise ValueError(f"seeds={seeds!r}: must be an integer >= 1 (the number of seeds per configuration of a "
                              "sweep preset: seed 0 .. seeds-1).")
+        self._start_mlflow_parent(config)
+
+    def _start_mlflow_parent(self, config: DictConfig) -> None:
+        """The MLflow parent run, when ``logger.mlflow`` is the MLflow sink. A missing extra stops the sweep before
+        its first job with one paragraph and exit status 2 (SystemExit: Hydra turns a callback's exceptions into
+        warnings)."""
+        from train_seg.config.command_line import exit_with_user_error
+        from train_seg.config.validation import ConfigError
+
+        node = OmegaConf.select(config, "logger.mlflow", default=None)
+        if not _is_mlflow_sink(node):
+            return
+        from train_seg.reporting.sinks.mlflow import default_run_name, start_sweep_run
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            start_sweep_run(sweep_dir, default_run_name(sweep_dir, str(config.paths.output_root)),
+                            OmegaConf.to_container(node, resolve=True))
+        except ConfigError as exc:
+            exit_with_user_error("train_seg", exc)
+        self.mlflow_parent = sweep_dir
+        atexit.register(self._end_mlflow_parent, "interrupted")  # unless on_multirun_end ends it first
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from train_seg.reporting.summary import FILES, PRUNED, console_table, write_summary
@@ -55,10 +79,12 @@ class SweepSummaryCallback(Callback):
         except Exception as exc:  # a summary problem must not hide the jobs' own results
             print(f"train_seg: could not write the sweep summary in {sweep_dir}: {type(exc).__name__}: {exc}\n"
                   f"Retry with: python -m train_seg.cli.summary {sweep_dir}", file=sys.stderr, flush=True)
+            self._end_mlflow_parent("failed")
             if self.exit_on_failure:
                 sys.exit(1)
             return
         self._write_hparams_experiment(config, sweep_dir, summary)
+        self._end_mlflow_parent(summary.jobs, [sweep_dir / name for name in FILES])
         print(f"\nsweep summary ({sweep_dir}):\n{console_table(summary)}", flush=True)
         print("wrote " + ", ".join(str(sweep_dir / name) for name in FILES), flush=True)
         bad = [job for job in summary.not_completed if job.status != PRUNED]
@@ -69,6 +95,22 @@ class SweepSummaryCallback(Callback):
                   file=sys.stderr, flush=True)
             if self.exit_on_failure:
                 sys.exit(1)
+
+    def _end_mlflow_parent(self, outcome, files=()) -> None:
+        """Ends the open MLflow parent run: ``outcome`` is a status, or the summary's jobs (then their sweep status,
+        ``sinks.mlflow.sweep_status``); a tracking problem is reported and the sweep goes on."""
+        sweep_dir, self.mlflow_parent = self.mlflow_parent, None
+        if sweep_dir is None:
+            return
+        try:
+            from train_seg.config.naming import swept_keys
+            from train_seg.reporting.sinks.mlflow import end_sweep_run, sweep_status
+
+            status = outcome if isinstance(outcome, str) else sweep_status([job.status for job in outcome])
+            end_sweep_run(sweep_dir, status, files, swept_keys(sweep_dir))
+        except Exception as exc:
+            print(f"train_seg: could not end the sweep's MLflow parent run ({sweep_dir}): {type(exc).__name__}: "
+                  f"{exc}", file=sys.stderr, flush=True)
 
     @staticmethod
     def _write_hparams_experiment(config: DictConfig, sweep_dir: Path, summary) -> None:
@@ -88,6 +130,22 @@ class SweepSummaryCallback(Callback):
         except Exception as exc:
             print(f"train_seg: could not write the sweep's HPARAMS experiment in {sweep_dir}: "
                   f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
+def _is_mlflow_sink(node) -> bool:
+    """``node`` (``logger.mlflow``) builds ``MLflowSink`` or a subclass of it."""
+    target = OmegaConf.select(node, "_target_", default=None) if OmegaConf.is_config(node) else None
+    if not target:
+        return False
+    from hydra.utils import get_class
+
+    from train_seg.config.legacy import current_target
+    from train_seg.reporting.sinks.mlflow import MLflowSink
+
+    try:
+        return issubclass(get_class(current_target(str(target))), MLflowSink)
+    except Exception:  # not importable: the job reports it, naming the key
+        return False
 
 
 def _class_info(summary) -> tuple[list[str], list[float], list[bool] | None]:

@@ -49,7 +49,5 @@ class RunFilesSink(Sink):
     def on_failure(self, error: BaseException) -> None:
         if self.run is None:
             return
-        # an exception may name its own status (search.study.TrialPruned: "pruned")
-        status = getattr(error, "run_status", None) or ("interrupted" if isinstance(error, KeyboardInterrupt)
-                                                        else "failed")
-        record.write(self.run.run_dir, self.run.record(status, self.final, record.describe_error(error)))
+        record.write(self.run.run_dir, self.run.record(record.status_of(error), self.final,
+                                                       record.describe_error(error)))
