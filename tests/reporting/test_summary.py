@@ -317,7 +317,7 @@ def test_summary_command_baseline_option(seeded_sweep, capsys):
     assert [g["baseline"] for g in groups] == ["", "", "yes", ""]
 
 
-def test_sweep_callback_reads_summary_baseline_and_checks_seeds(seeded_sweep):
+def test_sweep_callback_reads_summary_baseline_and_checks_seeds(seeded_sweep, capsys):
     from omegaconf import OmegaConf
 
     from train_seg.reporting.sweep import SweepSummaryCallback
@@ -329,9 +329,11 @@ def test_sweep_callback_reads_summary_baseline_and_checks_seeds(seeded_sweep):
     callback.on_multirun_end(config=config)
     assert "Baseline: configuration 1, `weighting=inverse`: named" in (seeded_sweep / "summary.md").read_text()
     callback.on_multirun_start(config=OmegaConf.create({"hydra": {}}))  # no seeds key: nothing to check
-    for bad in (0, -1, "3", 1.5):
-        with pytest.raises(ValueError, match=r"seeds=.*must be an integer >= 1"):
+    for bad in (0, -1, "3", 1.5):  # a user error (exit 2), which Hydra cannot turn into a warning
+        with pytest.raises(SystemExit) as stopped:
             callback.on_multirun_start(config=OmegaConf.create({"seeds": bad}))
+        assert stopped.value.code == 2
+    assert "seeds=1.5: must be an integer >= 1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ reading through the record

@@ -1,6 +1,6 @@
 """The Hydra callback that closes every multirun (``SweepSummaryCallback``, registered in ``configs/hydra/default.yaml``).
 
-``on_multirun_start`` refuses ``seeds`` < 1 (it would launch no job) and, with ``logger.mlflow`` set, creates the
+``on_multirun_start`` refuses ``seeds`` < 1 (it would launch no job: exit status 2) and, with ``logger.mlflow`` set, creates the
 sweep's MLflow parent run (``train_seg.reporting.sinks.mlflow.start_sweep_run``; the jobs become its children).
 ``on_multirun_end`` writes ``summary.csv``, ``summary.md`` and ``summary.png`` (``train_seg.reporting.summary``,
 baseline from ``summary.baseline``), prints a short table, writes the sweep's one HPARAMS experiment at the sweep root
@@ -37,10 +37,15 @@ class SweepSummaryCallback(Callback):
         self.mlflow_parent: Path | None = None  # the sweep directory whose MLflow parent run is open
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from train_seg.config.command_line import exit_with_user_error
+        from train_seg.config.validation import ConfigError
+
         seeds = OmegaConf.select(config, "seeds", default=None)
         if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
-            raise ValueError(f"seeds={seeds!r}: must be an integer >= 1 (the number of seeds per configuration of a "
-                             "sweep preset: seed 0 .. seeds-1).")
+            # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings and launches no job
+            exit_with_user_error("train_seg", ConfigError(
+                f"seeds={seeds!r}: must be an integer >= 1 (the number of seeds per configuration of a sweep preset: "
+                "seed 0 .. seeds-1)."))
         self._start_mlflow_parent(config)
 
     def _start_mlflow_parent(self, config: DictConfig) -> None:
