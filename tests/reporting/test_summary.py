@@ -139,6 +139,16 @@ def test_job_dirs_are_found_even_when_nested(tmp_path):
                                                                                      "1_dataset.root=/data/x"]
 
 
+def test_evaluations_inside_a_job_dir_are_not_jobs(tmp_path):
+    """scripts/calibrate_sweep.py leaves calibrated_eval/ and uncalibrated_eval/ (each with a metrics.json) in the
+    job directories; an MLflow store keeps copies of metrics.json under mlartifacts/. Neither is a job."""
+    fake_job(tmp_path, "0_a=1", ["a=1"], "completed", {"background": 1.0, "car": 0.0, "lake": 1.0, "road": 1.0})
+    for inner in ("0_a=1/calibrated_eval", "0_a=1/uncalibrated_eval", "mlartifacts/1/abc/artifacts"):
+        (tmp_path / inner).mkdir(parents=True)
+        (tmp_path / inner / "metrics.json").write_text((tmp_path / "0_a=1" / "metrics.json").read_text())
+    assert [p.relative_to(tmp_path).as_posix() for p in find_job_dirs(tmp_path)] == ["0_a=1"]
+
+
 @pytest.mark.slow
 def test_summary_command_on_a_partial_sweep_without_torch(partial_sweep):
     """The real command, in a fresh interpreter: writes the three files, lists every job, never imports torch."""

@@ -156,7 +156,8 @@ class SweepSummary:
 # -- reading ---------------------------------------------------------------------------------------------------
 def find_job_dirs(sweep_dir: str | Path) -> list[Path]:
     """Job directories under ``sweep_dir`` (any depth, so an override value with a ``/`` that nested a job dir is
-    still found), in job-number order."""
+    still found), in job-number order. Nothing inside a job directory is another job (its ``calibrated_eval/``
+    holds a metrics.json of its own)."""
     sweep_dir = Path(sweep_dir)
     found = []
     for root, dirs, files in os.walk(sweep_dir):
@@ -165,6 +166,7 @@ def find_job_dirs(sweep_dir: str | Path) -> list[Path]:
         if record.FILENAME in files or (here / ".hydra" / "overrides.yaml").is_file():
             if here != sweep_dir or record.FILENAME in files:
                 found.append(here)
+                dirs[:] = []
     return sorted(found, key=lambda p: _sort_key(p.relative_to(sweep_dir).as_posix()))
 
 
