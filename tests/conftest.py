@@ -100,6 +100,21 @@ def make_cfg(tmp_path):
     return factory
 
 
+def crash_in_epoch(monkeypatch, error: BaseException, epoch: int = 2) -> None:
+    """Makes the training loop raise ``error`` at the start of epoch ``epoch`` (a failed or interrupted run)."""
+    import train_seg.engine.trainer as train_module
+
+    real, calls = train_module.train_one_epoch, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", flaky)
+
+
 def cli_env() -> dict:
     env = dict(os.environ)
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"

@@ -24,7 +24,7 @@ import forkserver
 from conftest import ROOT, cli_env, compose_cfg
 from evaluation.test_inference import trained_run
 from train_seg.cli import export
-from train_seg.cli.export import MIN_SIDE, TORCHSCRIPT_METADATA, main, read_metadata
+from train_seg.cli.export import MIN_SIDE, METADATA_FILE, main, read_metadata
 from train_seg.checkpoint import load_checkpoint_model
 
 CLASSES = ["background", "lake", "road", "car"]
@@ -77,6 +77,15 @@ def run(*args: str) -> int:
     return info.value.code
 
 
+def export_without_torchscript(capsys, *args: str) -> None:
+    """Runs the export with ``args``: exit 0, verified, and not one TorchScript warning on the way."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(*args) == 0
+    assert torchscript_warnings(caught) == []
+    assert "verified against PyTorch" in capsys.readouterr().out
+
+
 def check_metadata(metadata: dict, fmt: str, arch: str = "deeplabv3_mobilenet_v3_large") -> None:
     assert metadata["class_names"] == CLASSES
     assert {k: metadata["normalization"][k] for k in NORMALIZATION} == NORMALIZATION
@@ -90,11 +99,8 @@ def test_onnx_export_matches_eager_pytorch_on_a_new_size_and_batch(run_dir, eage
     the MobileNet's padding-aware ASPP convs export as the plain conv."""
     images, expected = eager
     path = tmp_path / "model.onnx"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert run(f"--ckpt={run_dir / 'last.pt'}", "--format=onnx", f"--output={path}", "--sample-size=64") == 0
-    assert torchscript_warnings(caught) == []
-    assert "verified against PyTorch" in capsys.readouterr().out
+    export_without_torchscript(capsys, f"--ckpt={run_dir / 'last.pt'}", "--format=onnx", f"--output={path}",
+                               "--sample-size=64")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"input": images.numpy()})
     assert got.shape == (3, 4, 48, 80)
@@ -131,15 +137,12 @@ def test_exported_program_loads_with_torch_export_and_matches_eager(tiny_run, ti
     height and width from MIN_SIDE up (below it the program refuses the input), with no TorchScript warning."""
     images, expected = tiny_eager
     path = tmp_path / "model.pt2"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert run(f"--ckpt={tiny_run}", "--format=exported_program", f"--output={path}", "--sample-size=32") == 0
-    assert torchscript_warnings(caught) == []
-    assert "verified against PyTorch" in capsys.readouterr().out
-    files = {TORCHSCRIPT_METADATA: ""}
+    export_without_torchscript(capsys, f"--ckpt={tiny_run}", "--format=exported_program", f"--output={path}",
+                               "--sample-size=32")
+    files = {METADATA_FILE: ""}
     program = torch.export.load(str(path), extra_files=files)
     assert isinstance(program, torch.export.ExportedProgram)
-    metadata = json.loads(files[TORCHSCRIPT_METADATA])
+    metadata = json.loads(files[METADATA_FILE])
     check_metadata(metadata, "torch.export", arch="tiny")
     assert read_metadata(path) == metadata
     with torch.inference_mode():
@@ -188,13 +191,13 @@ def test_torchscript_export_matches_eager_pytorch_on_a_new_size_and_batch(run_di
     images, expected = eager
     path = tmp_path / "model.pt"
     assert run(f"--ckpt={run_dir}", "--format=torchscript", f"--output={path}") == 0
-    files = {TORCHSCRIPT_METADATA: ""}
+    files = {METADATA_FILE: ""}
     loaded = torch.jit.load(str(path), _extra_files=files)
     with torch.inference_mode():
         got = loaded(images).numpy()
     assert got.shape == (3, 4, 48, 80)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
-    check_metadata(json.loads(files[TORCHSCRIPT_METADATA]), "torch.jit")
+    check_metadata(json.loads(files[METADATA_FILE]), "torch.jit")
     assert read_metadata(path)["class_names"] == CLASSES
 
 

@@ -13,7 +13,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 import forkserver
-from conftest import cli_env
+from conftest import cli_env, crash_in_epoch
 from train_seg.reporting.sinks import mlflow as sink
 from train_seg.engine.trainer import train
 
@@ -55,21 +55,6 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 
 def artifact(client: MlflowClient, run_id: str, name: str, tmp: Path) -> Path:
     return Path(client.download_artifacts(run_id, name, str(tmp)))
-
-
-def _crash_in_epoch(monkeypatch, error: BaseException, epoch: int = 2):
-    """As tests/reporting/test_sinks.py: the training loop raises ``error`` at the start of epoch ``epoch``."""
-    import train_seg.engine.trainer as train_module
-
-    real, calls = train_module.train_one_epoch, []
-
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == epoch:
-            raise error
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", flaky)
 
 
 # -- a single run ----------------------------------------------------------------------------------------------
@@ -126,7 +111,7 @@ def test_a_run_that_stops_in_training_is_failed_or_killed(make_cfg, tmp_path, st
     the current directory)."""
     run_dir = tmp_path / "run"
     cfg = make_cfg(*RUN, f"paths.output_root={tmp_path / 'outputs'}", f"logger.mlflow.tracking_uri={store_uri(store)}")
-    _crash_in_epoch(monkeypatch, error)
+    crash_in_epoch(monkeypatch, error)
     with pytest.raises(type(error)):
         train(cfg, run_dir)
     client = MlflowClient(store_uri(store))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import crash_in_epoch
 from train_seg.reporting import record
 from train_seg.reporting.events import Sink
 from train_seg.engine.trainer import train
@@ -86,20 +87,6 @@ def test_a_logger_entry_without_target_is_a_config_error(make_cfg, tmp_path):
         prepare(make_cfg("+logger.csv.path=x.csv"), tmp_path / "run")
 
 
-def _crash_in_epoch(monkeypatch, error: BaseException, epoch: int = 2):
-    import train_seg.engine.trainer as train_module
-
-    real, calls = train_module.train_one_epoch, []
-
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == epoch:
-            raise error
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", flaky)
-
-
 @pytest.mark.parametrize("error, status", [(None, "completed"), (RuntimeError("boom in epoch 2"), "failed"),
                                            (KeyboardInterrupt(), "interrupted")])
 def test_completed_failed_and_interrupted_runs_read_back_through_the_schema(make_cfg, tmp_path, monkeypatch,
@@ -109,7 +96,7 @@ def test_completed_failed_and_interrupted_runs_read_back_through_the_schema(make
     if error is None:
         train(cfg, run_dir)
     else:
-        _crash_in_epoch(monkeypatch, error)
+        crash_in_epoch(monkeypatch, error)
         with pytest.raises(type(error)):
             train(cfg, run_dir)
     rec = record.read(run_dir)

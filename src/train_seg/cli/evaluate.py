@@ -34,7 +34,8 @@ from train_seg.engine import builder as build
 from train_seg.reporting import record
 from train_seg.atomic import atomic_write
 from train_seg.checkpoint import CALIBRATION_MODES, CheckpointError, CheckpointMeta, open_checkpoint
-from train_seg.config.command_line import CONFIG_DIR, USER_ERRORS, exit_with_user_error, report_hydra_errors
+from train_seg.config.command_line import (CONFIG_DIR, USER_ERRORS, exit_with_user_error, hydra_quoted,
+                                          report_hydra_errors)
 from train_seg.config.validation import PRECISIONS, ConfigError, normalize_precision, resolve_device, resolve_precision
 from train_seg.data.base import DatasetError, SegmentationDataset, SegmentationSource
 from train_seg.data.class_stats import compute_class_stats
@@ -328,8 +329,7 @@ def quote_path(arg: str, key: str = "ckpt") -> str:
         return arg
     if re.fullmatch(r"[\w./~:@%+-]*", arg[len(prefix):]):  # nothing Hydra's grammar would read as syntax
         return arg
-    value = arg[len(prefix):].replace("\\", "\\\\").replace("'", "\\'")
-    return f"{prefix}'{value}'"
+    return prefix + hydra_quoted(arg[len(prefix):])
 
 
 def command_line_overrides(args: Sequence[str]) -> list[str]:

@@ -45,7 +45,6 @@ FORMATS = ("onnx", "exported_program", "torchscript")
 EXPORTERS = ("dynamo", "legacy")  # --format onnx: torch.export-based (dynamo=True) | TorchScript-based
 DEFAULT_OPSET = {"dynamo": 18, "legacy": 17}  # 18: the lowest opset torch's dynamo exporter writes without converting
 METADATA_FILE = "train_seg.json"  # the extra file of an ExportedProgram or TorchScript export
-TORCHSCRIPT_METADATA = METADATA_FILE  # its former name
 SAMPLE_BATCH = 2  # torch.export makes a dimension of size 1 in the example static: the sample has 2 images
 # torch.export's smallest height and width (and --sample-size): the models' coarsest feature map (1/16, the largest
 # model.output_stride) must be >= 2 px, since torch.export assumes a dynamic size is never 0 or 1

@@ -69,6 +69,12 @@ def hydra_error_message(error: BaseException) -> str:
             "(the configuration reference), and `--help` lists the groups and their options.")
 
 
+def hydra_quoted(value) -> str:
+    """``value`` as one single-quoted value of Hydra's override grammar (``'a=b,c'``): sweep job directories hold
+    ``=`` and ``,``, which unquoted would be a syntax error or a sweep."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def report_hydra_errors(prog: str) -> None:
     """Makes Hydra's own errors (composing the config: an override that does not parse, an unknown key or group
     option, a value of the wrong type) and our plugins' ``SetupError`` user errors like every other: ``<prog>: error: <one paragraph>``, exit status

@@ -29,6 +29,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from train_seg.config.command_line import hydra_quoted
 from train_seg.search.study import (SearchError, TrialSpec, instantiate_component, open_storage, require_optuna,
                                     storage_url)
 
@@ -220,7 +221,7 @@ class OptunaSearch(Sweeper):
         run_dir = trial.user_attrs.get("run_dir")
         if resumes is not None and run_dir:  # continue the interrupted trial's run from its last.pt, in its directory
             path = Path(run_dir)
-            overrides += [f"hydra.sweep.dir={_quoted(path.parent)}", f"hydra.sweep.subdir={_quoted(path.name)}",
+            overrides += [f"hydra.sweep.dir={hydra_quoted(path.parent)}", f"hydra.sweep.subdir={hydra_quoted(path.name)}",
                           "trainer.resume=auto"]
             log.info("trial %d continues interrupted trial %d in %s", trial.number, resumes, path)
         return overrides
@@ -297,11 +298,6 @@ def _counts(study) -> tuple[int, int]:
 def _counted_before(study, number: int) -> int:
     """Trials numbered below ``number`` that count (ended, running or queued; not surplus or interrupted)."""
     return sum(1 for t in study.get_trials(deepcopy=False) if t.number < number and NOT_COUNTED not in t.user_attrs)
-
-
-def _quoted(value) -> str:
-    """A string as a quoted value of Hydra's override grammar (job directory names hold ``=`` and ``,``)."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _plain(node):
