@@ -144,7 +144,11 @@ def test_two_workers_share_a_study_prune_survive_a_kill_and_finish_n_trials(tmp_
 
     with open(tmp_path / "search" / "summary.csv", newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["kind"] == "job"]
-    assert sorted(row["status"] for row in rows) == ["completed"] * 3 + ["failed"] + ["pruned"] * 2
+    statuses = sorted(row["status"] for row in rows)
+    assert [s for s in statuses if s != "incomplete"] == ["completed"] * 3 + ["failed"] + ["pruned"] * 2
+    # a trial killed after Hydra made its directory but before the job recorded it (the job's first lines) leaves
+    # that directory unfinished, listed as incomplete; its successor ran in a new one
+    assert statuses.count("incomplete") <= sum(1 for run_dir in interrupted.values() if not run_dir)
     assert not any("trial=" in row["overrides"] for row in rows)
     results = OmegaConf.load(tmp_path / "search" / "optimization_results.yaml")
     assert (results.completed, results.pruned, results.failed, results.n_trials) == (3, 2, 1, 6)

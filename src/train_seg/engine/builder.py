@@ -45,6 +45,8 @@ def build_run(cfg, run_dir: Path, settings: LoopSettings, context: RunContext) -
     """Every object of the run of the validated ``cfg``, on ``settings.device``: the sources are validated and their
     class statistics computed (rank 0 computes or reads the cache, then broadcasts) before the model is built."""
     seed = int(cfg.seed)
+    # an Optuna trial records its run directory first: a search killed from here on continues in this directory
+    trial = _trial_reporter(cfg.get("trial"), run_dir)
     sources = {split: build_source(cfg.dataset, split) for split in ("train", "val")}
     for source in sources.values():
         source.validate()
@@ -75,16 +77,21 @@ def build_run(cfg, run_dir: Path, settings: LoopSettings, context: RunContext) -
         train_set=train_set, val_set=val_set, train_loader=train_loader, val_loader=val_loader, sampler=sampler,
         generator=generator, total_steps=total_steps,
         sinks=build_sinks(cfg.get("logger"), main_process=distributed.is_main()),
-        trial=_trial_reporter(cfg.get("trial")),
+        trial=trial,
     )
 
 
-def _trial_reporter(node):
-    """The job's ``search.study.TrialReporter`` when the Optuna sweeper launched it (config ``trial``), else None."""
+def _trial_reporter(node, run_dir: Path):
+    """The job's ``search.study.TrialReporter`` when the Optuna sweeper launched it (config ``trial``), started at
+    ``run_dir``; else None."""
     from train_seg.search.study import TrialReporter, TrialSpec
 
     spec = TrialSpec.from_config(node)
-    return None if spec is None else TrialReporter(spec)
+    if spec is None:
+        return None
+    reporter = TrialReporter(spec)
+    reporter.start(run_dir)
+    return reporter
 
 
 def _data_loaders(trainer_cfg, train_set, val_set, sampler, device: torch.device, generator, seed: int):

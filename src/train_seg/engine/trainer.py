@@ -195,8 +195,6 @@ def fit(run: Run, sinks: Sequence[Sink] | None = None) -> Run:
         hook = _StepHook(run, sinks, stop)
         try:
             _emit(sinks, "on_train_start", run)
-            if run.trial is not None:
-                run.trial.start(run.run_dir)
             while epoch < max_epochs and (max_steps is None or run.global_step < max_steps):
                 progress, tic = _start_epoch(run, epoch), time.perf_counter()
                 run.global_step, loss = train_one_epoch(
